@@ -1,7 +1,7 @@
 """The DDPM UNet (Ho et al. 2020) in the layout of score_sde's PyTorch port.
 
-The network computes the same function as the model behind the paper's released
-checkpoints, so loading one of those is a renaming of parameters (see
+The network computes the same function as the model behind the checkpoints released by
+Pham et al. 2025 (arXiv:2505.21777), so loading one of those is a renaming of parameters (see
 `memgen.paper_checkpoint`). Layout, from input to output:
 
 - time embedding: sinusoidal features of the integer step t, Linear(dim, 4 dim), SiLU,
@@ -35,7 +35,7 @@ MAX_GROUPS = 32
 
 
 def num_groups_for(channels: int) -> int:
-    """Return 32 when it divides `channels`, else the largest divisor of `channels` below 32."""
+    """Return 32 when it divides `channels`, otherwise the largest divisor of `channels` below 32."""
     for groups in range(min(MAX_GROUPS, channels), 0, -1):
         if channels % groups == 0:
             return groups
@@ -185,8 +185,8 @@ class TimeEmbedding(nn.Module):
 class UNet(nn.Module):
     """DDPM UNet: `forward(x, t)` maps x (B, C, H, W) and integer steps t (B,) to (B, C, H, W).
 
-    The output is whatever the model was trained to predict (noise for "epsilon",
-    the clean image for "sample"); the network itself does not know.
+    The output is whatever the model was trained to predict: the noise for "epsilon",
+    the clean image for "sample".
     """
 
     def __init__(self, image_size: int, in_channels: int = 1, dim: int = 128,
@@ -269,7 +269,7 @@ def check_unet_options(image_size: int, in_channels: int, dim: int, dim_mults: t
             raise MemgenError(f"model option {name}={value!r} is invalid; it must be a positive integer")
     if dim < 4:
         # The sinusoidal embedding divides by dim / 2 - 1.
-        raise MemgenError(f"model option dim={dim} is too small; use dim >= 4 (the paper uses 128)")
+        raise MemgenError(f"model option dim={dim} is too small; use dim >= 4 (the published models use 128)")
     if len(dim_mults) == 0 or min(dim_mults) < 1:
         raise MemgenError(f"model option dim_mults={list(dim_mults)} is invalid; "
                           "give one positive multiplier per resolution level, e.g. 1,2,2")
