@@ -60,7 +60,7 @@ LSUN_CHURCH_SPLITS = {True: "church_outdoor_train", False: "church_outdoor_val"}
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """Map uint8 pixels in [0, 255] to float32 in [-1, 1] (x / 127.5 - 1); float input is kept."""
+    """Map uint8 pixels in [0, 255] to float32 in [-1, 1] by x / 127.5 - 1. Float input passes unchanged."""
     if images.dtype == torch.uint8:
         return images.to(torch.float32).div_(127.5).sub_(1.0)
     return images.to(torch.float32)
@@ -70,9 +70,9 @@ def resize_images(images: torch.Tensor, image_size: int | None, centercrop: bool
     """Centre-crop `(..., C, H, W)` images to a square of the short side, then resize them.
 
     With `centercrop` the largest centred square is kept before resizing, as for
-    LSUN-Church; without it a non-square image is resized to `image_size` squared and so
-    changes its aspect ratio. Resizing is bilinear with antialiasing on float values, and
-    images already at the requested size pass through unchanged.
+    LSUN-Church. Without it a non-square image is resized to `image_size` squared, which
+    changes its aspect ratio. Resizing is bilinear with antialiasing on float values.
+    Images already at the requested size pass through unchanged.
     """
     height, width = images.shape[-2:]
     if centercrop and height != width:
@@ -171,9 +171,9 @@ class DecodedImageDataset(Dataset):
             raise IndexError(f"image index {index} out of range for {self.count} images")
         image = resize_images(to_unit_range(self._decode(index)), self.image_size, self.centercrop)
         if self.shape is not None and tuple(image.shape) != self.shape:
-            raise MemgenError(f"image {self._describe(index)} comes out as {tuple(image.shape)} but "
-                              f"{self._describe(0)} as {self.shape}; pass --image-size (and "
-                              "--centercrop for non-square images) so that all images share one size")
+            raise MemgenError(f"image {self._describe(index)} has shape {tuple(image.shape)} but "
+                              f"{self._describe(0)} has {self.shape}; pass --image-size (and "
+                              "--centercrop for non-square images) so that all images get one size")
         return image
 
     def _decode(self, index: int) -> torch.Tensor:
@@ -354,7 +354,10 @@ def _debian_fashion_mnist_files() -> dict[str, Path] | None:
 def _install_debian_fashion_mnist(raw: Path) -> None:
     """Decompress the Debian package's Fashion-MNIST files that `raw` is missing."""
     files = _debian_fashion_mnist_files()
-    for name in _missing_idx_files(raw):
+    missing = _missing_idx_files(raw)
+    if not missing:
+        return
+    for name in missing:
         _decompress(files[name], raw / name)
     logger.info("decompressed Debian's Fashion-MNIST from '%s' into '%s'", DEBIAN_FASHION_MNIST, raw)
 
@@ -380,7 +383,7 @@ def _mnist_install_hint(folder_name: str, data_path: Path) -> str:
 
 
 def _find_idx_root(folder_name: str, data_path: Path) -> Path:
-    """Return a root whose `<folder_name>/raw/` holds all four IDX files.
+    """Return a root whose `<folder_name>/raw/` contains all four IDX files.
 
     For Fashion-MNIST a missing raw folder is filled from Debian's package, in
     `data_path` when it is writable and in memgen's cache folder otherwise.
@@ -390,7 +393,7 @@ def _find_idx_root(folder_name: str, data_path: Path) -> Path:
         _decompress_gz_siblings(raw)
         missing = _missing_idx_files(raw)
         if missing:
-            raise MemgenError(f"'{raw}' lacks the IDX files {', '.join(missing)}; "
+            raise MemgenError(f"'{raw}' is missing the IDX files {', '.join(missing)}; "
                               f"{_mnist_install_hint(folder_name, data_path)}")
         return data_path
 
@@ -453,8 +456,8 @@ def _load_mnist_family(folder_name: str, data_path: Path, train: bool) -> torch.
     """Read MNIST or Fashion-MNIST with torchvision; return uint8 `(N, 1, 28, 28)`."""
     root = _find_idx_root(folder_name, data_path)
     prefix = "train" if train else "t10k"
-    for kind in ("images", "labels"):
-        _check_idx_file(root / folder_name / "raw" / f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte")
+    for name in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
+        _check_idx_file(root / folder_name / "raw" / name)
     dataset_class = torchvision.datasets.FashionMNIST if folder_name == "FashionMNIST" else torchvision.datasets.MNIST
     dataset = dataset_class(root, train=train, download=False)
     return dataset.data.unsqueeze(1)
@@ -482,7 +485,7 @@ def _load_cifar10(data_path: Path, train: bool) -> torch.Tensor:
         raise MemgenError(f"CIFAR-10 not found: no folder '{folder}'; {_cifar10_hint(data_path)}")
     missing = [name for name, _ in files if not (folder / name).is_file()]
     if missing:
-        raise MemgenError(f"'{folder}' lacks the CIFAR-10 files {', '.join(missing)}; {_cifar10_hint(data_path)}")
+        raise MemgenError(f"'{folder}' is missing the CIFAR-10 files {', '.join(missing)}; {_cifar10_hint(data_path)}")
     damaged = [name for name, md5 in files
                if not torchvision.datasets.utils.check_integrity(str(folder / name), md5)]
     if damaged:
@@ -548,7 +551,7 @@ def _load_lsun_church(data_path: Path, image_size: int | None, centercrop: bool,
                               "run 'pip install lmdb' or convert the database to an image folder") from error
         dataset = LmdbImageDataset(lmdb_folder, image_size, centercrop)
         if len(dataset) == 0:
-            raise MemgenError(f"the LMDB database '{lmdb_folder}' holds no record; expected {layout}")
+            raise MemgenError(f"the LMDB database '{lmdb_folder}' contains no record; expected {layout}")
         logger.info("found %d LSUN records in '%s'", len(dataset), lmdb_folder)
         return dataset
 
@@ -583,7 +586,7 @@ def _load_npz(path: Path, image_size: int | None, centercrop: bool, train: bool)
     images = _array_to_chw(array, source, batched=True)
     _check_pixel_values(images, source)
     if images.shape[0] == 0:
-        raise MemgenError(f"{source} holds no image")
+        raise MemgenError(f"{source} contains no image")
     if images.dtype != np.uint8:
         images = images.astype(np.float32)
     return ImageArrayDataset(torch.from_numpy(np.ascontiguousarray(images)), image_size, centercrop)
@@ -730,7 +733,7 @@ def training_images_from_meta(meta: dict, data_path: str | os.PathLike | None = 
     """
     missing = [key for key in TRAINING_META_KEYS if meta.get(key) is None]
     if missing:
-        raise MemgenError(f"the metadata lacks {', '.join(missing)} (it has {sorted(meta)}), so the "
+        raise MemgenError(f"the metadata is missing {', '.join(missing)} (it has {sorted(meta)}), so the "
                           "training images cannot be rebuilt; pass a file written by a memgen stage")
     if data_path is None:
         data_path = meta.get("data_path")
