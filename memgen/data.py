@@ -201,8 +201,12 @@ class ImageFileDataset(DecodedImageDataset):
 
     def __init__(self, paths: Sequence[Path], image_size: int | None = None, centercrop: bool = False):
         self.paths = list(paths)
-        with Image.open(self.paths[0]) as first:
-            self.mode = _pil_mode(first)
+        try:
+            with Image.open(self.paths[0]) as first:
+                self.mode = _pil_mode(first)
+        except OSError as error:
+            raise MemgenError(f"cannot read the image '{self.paths[0]}': {error}; "
+                              "remove or replace it") from error
         self._warned_mode = False
         super().__init__(len(self.paths), image_size, centercrop)
 
@@ -273,7 +277,12 @@ class LmdbImageDataset(DecodedImageDataset):
     def _open(self):
         import lmdb
 
-        if self._environment is None or self._environment_pid != os.getpid():
+        if self._environment is not None and self._environment_pid != os.getpid():
+            # py-lmdb rejects a second open of one path in a process, and a forked
+            # DataLoader worker inherits the parent's handle, so release that copy first.
+            self._environment.close()
+            self._environment = None
+        if self._environment is None:
             self._environment = lmdb.open(str(self.folder), readonly=True, lock=False,
                                           readahead=False, meminit=False)
             self._environment_pid = os.getpid()

@@ -359,6 +359,14 @@ def test_imagefolder_mixed_sizes_need_image_size(tmp_path):
     assert images.shape == (2, 1, 4, 4)
 
 
+def test_imagefolder_unreadable_image(tmp_path):
+    (tmp_path / "0.png").write_bytes(b"not a png")
+
+    with pytest.raises(MemgenError, match="cannot read the image") as error:
+        data.load_dataset("imagefolder", tmp_path)
+    assert str(tmp_path / "0.png") in str(error.value)
+
+
 def test_imagefolder_empty_and_missing(tmp_path):
     with pytest.raises(MemgenError, match="no image file") as error:
         data.load_dataset("imagefolder", tmp_path)
@@ -506,7 +514,10 @@ def test_lsun_church_lmdb(tmp_path):
 
     dataset = data.load_dataset("lsun-church", tmp_path, image_size=4, centercrop=True)
     images = data.load_images(dataset, num_workers=0)
+    # Forked DataLoader workers inherit the parent's open database handle.
+    from_workers = data.load_images(dataset, batch_size=1, num_workers=2)
 
+    assert torch.equal(from_workers, images)
     assert dataset.keys == [b"a", b"b", b"c"]
     assert images.shape == (3, 3, 4, 4)
     torch.testing.assert_close(images[0], torch.full((3, 4, 4), -1.0))
