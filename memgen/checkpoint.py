@@ -9,9 +9,7 @@ and the training images are loaded again when it is used. Every file is read wit
 """
 
 import logging
-import pickle
 import shutil
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,19 +115,11 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise MemgenError(f"checkpoint not found: '{path}'; pass a <K>.pt file written by "
                           "train_unet.py, convert_checkpoint.py or the paper's release")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        from memgen import paper_checkpoint
+    from memgen import paper_checkpoint
 
-        if paper_checkpoint.is_paper_checkpoint(path):
-            return {"format": "paper", **paper_checkpoint.load_paper_checkpoint(path)}
-        raise MemgenError(f"'{path}' is not a memgen checkpoint and was not loaded, because "
-                          f"its pickle needs objects that memgen never unpickles ({error}); "
-                          "pass a checkpoint written by train_unet.py") from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise MemgenError(f"'{path}' cannot be read as a checkpoint ({error}); it may be "
-                          "truncated or not a checkpoint, so copy or train it again") from error
+    payload = paper_checkpoint.read_checkpoint_file(path)
+    if paper_checkpoint.is_paper_checkpoint(payload):
+        return {"format": "paper", **paper_checkpoint.paper_checkpoint_from_dict(payload, path)}
     if not isinstance(payload, dict) or payload.get("format") not in (NATIVE_FORMAT, IDEAL_FORMAT):
         raise MemgenError(f"'{path}' is not a memgen checkpoint (no 'format' entry "
                           f"'{NATIVE_FORMAT}' or '{IDEAL_FORMAT}'); pass a file written by train_unet.py")

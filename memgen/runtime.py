@@ -66,6 +66,12 @@ class Distributed:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    def describe(self) -> str:
+        if not self.enabled:
+            return f"single process on {self.device}"
+        backend = dist.get_backend() if dist.is_initialized() else "none"
+        return f"{self.world_size} processes, backend {backend}, device {self.device.type}"
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -103,9 +109,6 @@ def init_distributed(requested_device: str = "auto") -> Distributed:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=30))
-    if rank == 0:
-        logger.info("distributed run: %d processes, backend %s, device %s", world_size,
-                    "nccl" if use_cuda else "gloo", device.type)
     return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

@@ -9,6 +9,7 @@ a run resumed from a checkpoint continues exactly as the uninterrupted run would
 import copy
 import logging
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -117,12 +118,11 @@ def _sample_grid(ema: nn.Module, schedule, train: TrainOptions, model: ModelOpti
                  device: torch.device, path: Path) -> None:
     """Save a DDIM sample grid of the EMA model (a quick visual check, not the evaluation protocol)."""
     from memgen.figures import save_image_grid
-    from memgen.sampling import generate_samples
+    from memgen.sampling import sample_images
 
-    samples = generate_samples(ema, schedule, (model.in_channels, model.image_size, model.image_size),
-                               indices=range(train.grid_samples), seed=train.global_seed,
-                               batch_size=train.grid_samples, sampler="ddim",
-                               steps=train.grid_ddim_steps, eta=0.0, device=device, progress=False)
+    samples = sample_images(ema, schedule, (model.in_channels, model.image_size, model.image_size),
+                            indices=range(train.grid_samples), seed=train.global_seed, sampler="ddim",
+                            steps=train.grid_ddim_steps, eta=0.0, device=device)
     save_image_grid(samples, path)
 
 
@@ -133,11 +133,13 @@ def train(data: DataOptions, train: TrainOptions, model: ModelOptions) -> Path:
 
     results = Path(data.results_path)
     ckpt_dir, sample_dir, log_dir = results / "checkpoints", results / "samples", results / "logs"
+    setup_logging(rank=int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))))
     distributed = init_distributed(train.device)
     if distributed.is_main:
         for folder in (ckpt_dir, sample_dir, log_dir):
             ensure_writable_dir(folder)
     setup_logging(log_dir / "train.log", distributed.rank)
+    logger.info("running as %s", distributed.describe())
     options = {"data": data, "train": train, "model": model}
     plain = to_plain(options)
     logger.info("training K = %d on %s from '%s' into '%s'", train.train_size, data.data_name,
