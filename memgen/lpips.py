@@ -112,9 +112,11 @@ def backbone_for(network: str) -> Backbone:
 
 
 def cache_dir() -> Path:
-    """Return memgen's cache root: $MEMGEN_CACHE, else ~/.cache/memgen."""
+    """Return memgen's cache root: $MEMGEN_CACHE, else $XDG_CACHE_HOME/memgen, else ~/.cache/memgen."""
     root = os.environ.get("MEMGEN_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "memgen"
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "memgen"
 
 
 def build_features(network: str) -> nn.Sequential:
@@ -378,11 +380,11 @@ def load_lpips_heads(network: str) -> list[torch.Tensor]:
     return heads
 
 
-def prepare_backbone_weights(networks: Sequence[str] = ("alex", "vgg"), allow_download: bool = True) -> None:
-    """Resolve (and thereby convert and cache) the backbone weights of each network."""
-    for network in networks:
-        _, source = resolve_backbone_weights(network, allow_download=allow_download)
-        logger.info("LPIPS %s backbone: %s", network, source)
+def prepare_weights(network: str = "alex", allow_download: bool = True) -> str:
+    """Resolve the backbone weights of `network` (converting and caching them when needed); return their source."""
+    _, source = resolve_backbone_weights(network, allow_download=allow_download)
+    logger.info("LPIPS %s backbone weights: %s", network, source)
+    return source
 
 
 # ---------------------------------------------------------------------------------------
