@@ -77,6 +77,12 @@ class TrainOptions:
     """When set, the final checkpoint is also copied to <final_ckpt_dir>/<train_size>.pt for later stages."""
     device: str = "auto"
     """Device: auto (CUDA when present, else CPU), cpu or cuda."""
+    precision: str = "fp32"
+    """Arithmetic of the forward and backward pass: fp32, or bf16 for bfloat16 autocast (weights, Adam state and EMA stay float32)."""
+    compile: bool = False
+    """Compile the network with torch.compile (the first steps are slower while it compiles)."""
+    channels_last: bool = False
+    """Keep the network and its input batches in channels-last memory format, which often speeds up convolutions on GPUs with tensor cores."""
 
 
 @dataclass

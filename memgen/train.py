@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 # being held in memory as one tensor.
 PRELOAD_LIMIT_BYTES = 4 * 1024 ** 3
 
+PRECISIONS = ("fp32", "bf16")
+
 
 def mix_seed(*parts: int) -> int:
     """Combine integers into one 63-bit seed (a fixed polynomial hash; the same on every machine)."""
@@ -62,6 +64,12 @@ def batch_indices(step: int, train_size: int, global_batch: int, seed: int) -> t
         order = torch.randperm(train_size, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
         indices.extend(order[offset:offset + global_batch - len(indices)].tolist())
     return torch.tensor(indices, dtype=torch.int64)
+
+
+def check_speed_options(train: TrainOptions) -> None:
+    """Raise MemgenError for a --precision that is not fp32 or bf16."""
+    if train.precision not in PRECISIONS:
+        raise MemgenError(f"--precision {train.precision!r} is not supported; use one of {', '.join(PRECISIONS)}")
 
 
 def newest_checkpoint(folder: Path) -> Path | None:
@@ -131,6 +139,7 @@ def train(data: DataOptions, train: TrainOptions, model: ModelOptions) -> Path:
     from memgen.diffusion import NoiseSchedule
     from memgen.unet import build_unet
 
+    check_speed_options(train)
     results = Path(data.results_path)
     ckpt_dir, sample_dir, log_dir = results / "checkpoints", results / "samples", results / "logs"
     setup_logging(rank=int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))))
@@ -155,6 +164,8 @@ def train(data: DataOptions, train: TrainOptions, model: ModelOptions) -> Path:
 
     torch.manual_seed(train.global_seed)
     network = build_unet(model).to(device)
+    if train.channels_last:
+        network = network.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(network).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(network.parameters(), lr=train.lr)
     schedule = NoiseSchedule.from_config(plain["train"])
@@ -174,6 +185,10 @@ def train(data: DataOptions, train: TrainOptions, model: ModelOptions) -> Path:
         logger.info("resumed from '%s' at iteration %d", resume_path, step)
 
     trained = DistributedDataParallel(network) if distributed.enabled else network
+    if train.compile:
+        trained = torch.compile(trained)
+    logger.info("precision %s, torch.compile %s, channels-last %s", train.precision,
+                "on" if train.compile else "off", "on" if train.channels_last else "off")
     final_path = ckpt_dir / f"{train.iterations}.pt"
     if step >= train.iterations:
         logger.info("training already finished at iteration %d", step)
@@ -216,8 +231,14 @@ def _train_loop(trained: nn.Module, network: nn.Module, ema: nn.Module, optimize
         t = torch.randint(0, schedule.timesteps, (len(x0),), generator=generator).to(device)
         noise = torch.randn(x0.shape, generator=generator).to(device)
         torch.manual_seed(mix_seed(train.global_seed, step, distributed.rank, 1))  # dropout
+        if train.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+            noise = noise.contiguous(memory_format=torch.channels_last)
 
-        loss = schedule.training_loss(trained, x0, t, noise)
+        # Under bf16 autocast, convolutions and matrix products run in bfloat16 while the
+        # loss, the weights and the gradients stay float32.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16"):
+            loss = schedule.training_loss(trained, x0, t, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if train.clip_grad > 0:
