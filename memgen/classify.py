@@ -102,10 +102,10 @@ class ClassifyOptions:
     """Factor applied to the quantile to get delta_m; delta_s = delta_m x 2/3 (the paper's 0.02 / 0.03)."""
     calibrate_size: int = 4096
     """Calibration images: the first N of the seeded training permutation (all when the dataset is smaller)."""
-    lpips_weights_path: str = ""
+    lpips_weights: str = ""
     """LPIPS backbone weights for --calibrate with LPIPS distances; default: the places memgen.lpips searches."""
     grid_rows: int = 8
-    """Samples per class shown in grids/<class>-<K>.png."""
+    """Samples per class shown in grids/<class>-<K>.png; 0 writes no grids."""
     device: str = "auto"
     """Device for the calibration's embedding and search: auto, cpu or cuda."""
 
@@ -415,7 +415,8 @@ def calibrate_thresholds(options: ClassifyOptions, metas: list[tuple[FilePair, d
                           "--calibrate needs at least 2")
 
     started = time.perf_counter()
-    distances = training_nearest_distances(images, metric, network, options.lpips_weights_path or None, device)
+    distances = training_nearest_distances(images, metric, network, options.lpips_weights or None, device,
+                                           expected_weights_id=metas[0][2].get("lpips_weights_id"))
     base = nearest_neighbour_quantile(distances, options.calibrate_quantile)
     delta_m = options.calibrate_scale * base
     if delta_m <= 0:
@@ -431,11 +432,14 @@ def calibrate_thresholds(options: ClassifyOptions, metas: list[tuple[FilePair, d
 
 
 def training_nearest_distances(images: torch.Tensor, metric: str, network: str = "alex",
-                               weights_path: str | None = None, device: torch.device | None = None) -> np.ndarray:
+                               weights_path: str | None = None, device: torch.device | None = None,
+                               expected_weights_id: str | None = None) -> np.ndarray:
     """Return each image's distance (n,) to its nearest other image of `images` (n, C, H, W).
 
-    L2 is the Euclidean norm of the difference of the flattened [-1, 1] images; LPIPS is
-    the squared distance of the LPIPS embeddings, as in run_distances.py.
+    L2 is the Euclidean norm of the difference of the flattened [-1, 1] images. LPIPS is
+    the squared distance of the LPIPS embeddings, as in run_distances.py. Raises
+    MemgenError when the LPIPS weights differ from `expected_weights_id`, the weights
+    that the distance files were computed with.
     """
     from memgen.neighbours import knn
 
@@ -447,6 +451,10 @@ def training_nearest_distances(images: torch.Tensor, metric: str, network: str =
         from memgen.lpips import LPIPSEmbedding
 
         embedding = LPIPSEmbedding.from_pretrained(network, weights_path).to(device or "cpu")
+        if expected_weights_id and embedding.weights_id != expected_weights_id:
+            raise MemgenError(f"the LPIPS {network} weights found for the calibration ({embedding.source}, id "
+                              f"{embedding.weights_id}) differ from those of the distance files (id "
+                              f"{expected_weights_id}); pass the same --lpips-weights as to run_distances.py")
         features = embedding.embed(images)
         distances, _ = knn(features, features, 1, exclude_self=True, device=device)
         return distances[:, 0]
@@ -542,7 +550,7 @@ def classify_pair(data: PairData, thresholds: Thresholds, options: ClassifyOptio
         if path.exists() and not options.overwrite:
             _check_kept_file(path, meta)
             logger.info("keeping existing '%s'; pass --overwrite to recompute it", path)
-            if not grid_path.exists():
+            if options.grid_rows and not grid_path.exists():
                 draw_class_grid(load_npz(path), meta, options.grid_rows, grid_path)
             continue
 
@@ -553,7 +561,8 @@ def classify_pair(data: PairData, thresholds: Thresholds, options: ClassifyOptio
         top, least = split_top_least(order, options.top_size, options.least_size)
         arrays = class_arrays(data, train_images, top, least, len(order), meta)
         save_npz(path, **arrays)
-        draw_class_grid(arrays, meta, options.grid_rows, grid_path)
+        if options.grid_rows:
+            draw_class_grid(arrays, meta, options.grid_rows, grid_path)
         logger.info("wrote %d of %d %s samples of K = %d to '%s'", len(top), len(order), name, data.pair.k, path)
 
     count = len(labels)
@@ -584,11 +593,8 @@ def draw_class_grid(arrays: dict, meta: dict, rows: int, path: Path) -> Path:
 
     size = int(arrays["size"])
     shown = min(rows, len(arrays["top"]))
-    title = (f"{meta['class']} samples for K = {meta['K']} ({meta['metric']}, δm = {meta['delta_m']:.4g}, "
-             f"δs = {meta['delta_s']:.4g}): the {shown} most typical of {size}")
-    if shown == 0:
-        title = f"{meta['class']} samples for K = {meta['K']} ({meta['metric']}, δm = {meta['delta_m']:.4g}, " \
-                f"δs = {meta['delta_s']:.4g})"
+    title = f"{meta['class']} samples for K = {meta['K']}: the {shown} most typical of {size}"
+    title += f"\n({meta['metric']}, δm = {meta['delta_m']:.4g}, δs = {meta['delta_s']:.4g})"
     return plot_neighbour_grid(arrays["top"][:shown], arrays["top-indices"][:shown],
                                arrays["top-data-images"][:shown], arrays["top-data-dists"][:shown],
                                arrays["top-synth-images"][:shown], arrays["top-synth-dists"][:shown], path, title)

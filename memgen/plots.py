@@ -28,6 +28,8 @@ DPI = 100
 # Inches per image cell in neighbour grids, and the gap between column groups in cell widths.
 CELL_INCHES = 0.95
 GROUP_GAP = 0.3
+# Minimum width in inches of a neighbour grid, so that a two-line title fits when k is small.
+MIN_GRID_WIDTH = 6.0
 
 
 def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
@@ -101,11 +103,14 @@ def plot_neighbour_grid(samples: np.ndarray, sample_indices: Sequence[int], data
     k = data_images.shape[1]
     # Columns: sample, gap, k training images, gap, k samples.
     ratios = [1.0, GROUP_GAP] + [1.0] * k + [GROUP_GAP] + [1.0] * k
-    width = CELL_INCHES * sum(ratios) + 0.4
-    height = CELL_INCHES * 1.2 * count + 0.9
+    grid_width = CELL_INCHES * sum(ratios)
+    width = max(grid_width + 0.4, MIN_GRID_WIDTH)
+    height = CELL_INCHES * 1.2 * count + 1.1
     figure = Figure(figsize=(width, height))
-    grid = figure.add_gridspec(count, len(ratios), width_ratios=ratios, left=0.02, right=0.98,
-                               bottom=0.02, top=1 - 0.75 / height, wspace=0.08, hspace=0.35)
+    # A figure widened for its title keeps the image cells at their size, centred.
+    margin = (width - grid_width) / 2 / width
+    grid = figure.add_gridspec(count, len(ratios), width_ratios=ratios, left=margin, right=1 - margin,
+                               bottom=0.02, top=1 - 0.95 / height, wspace=0.08, hspace=0.35)
     data_start = 2
     synth_start = data_start + k + 1
     for row in range(count):
@@ -116,13 +121,14 @@ def plot_neighbour_grid(samples: np.ndarray, sample_indices: Sequence[int], data
             _show(figure.add_subplot(grid[row, synth_start + column]), synth_images[row, column],
                   f"{synth_dists[row, column]:.3g}")
 
-    top = 1 - 0.7 / height
+    top = 1 - 0.9 / height
+    separator = " " if k >= 4 else "\n"
     figure.text(_column_centre(figure, grid, 0, 0), top, "sample", ha="center", va="bottom", fontsize=9)
     figure.text(_column_centre(figure, grid, data_start, data_start + k - 1), top,
-                "nearest training images (distance)", ha="center", va="bottom", fontsize=9)
+                f"nearest training images{separator}(distance)", ha="center", va="bottom", fontsize=9)
     figure.text(_column_centre(figure, grid, synth_start, synth_start + k - 1), top,
-                "nearest other samples (distance)", ha="center", va="bottom", fontsize=9)
-    figure.suptitle(title, y=1 - 0.08 / height, va="top", fontsize=10)
+                f"nearest other samples{separator}(distance)", ha="center", va="bottom", fontsize=9)
+    figure.suptitle(title, y=1 - 0.06 / height, va="top", fontsize=10)
     return save_figure(figure, path)
 
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from memgen.classify import (CLASSES, ClassifyOptions, PAPER_DELTA_M, PAPER_DELTA_S, class_order, classify,
@@ -15,6 +16,7 @@ from memgen.classify import (CLASSES, ClassifyOptions, PAPER_DELTA_M, PAPER_DELT
 from memgen.data import load_training_images
 from memgen.errors import MemgenError
 from memgen.files import load_npz, read_meta, save_npz
+from memgen.lpips import LPIPSEmbedding, build_features
 
 from conftest import REPO, write_npz_dataset
 
@@ -90,7 +92,7 @@ def planted_samples(train):
 
 def options_for(folders, dataset, **changes):
     values = dict(dist_path=str(folders["dists"]), eval_path=str(folders["samples"]), data_path=str(dataset),
-                  result_path=str(folders["classify"]), delta_m=0.5, delta_s=0.5, k=3, grid_rows=2)
+                  result_path=str(folders["classify"]), delta_m=0.5, delta_s=0.5, k=3, grid_rows=0)
     values.update(changes)
     return ClassifyOptions(**values)
 
@@ -362,6 +364,46 @@ def test_calibration_planted_training_set(folders, planted_dataset, quantile, sc
     assert read_class(folders, "memorized", 6)[1]["calibration"] == row["calibration"]
 
 
+@pytest.fixture
+def random_lpips(monkeypatch):
+    """Make LPIPSEmbedding.from_pretrained build a seeded random AlexNet instead of ImageNet weights."""
+    torch.manual_seed(0)
+    state = build_features("alex").state_dict()
+
+    def from_random(network="alex", weights_path=None, allow_download=True):
+        return LPIPSEmbedding.from_state_dict(network, state, source="random test weights")
+
+    monkeypatch.setattr(LPIPSEmbedding, "from_pretrained", staticmethod(from_random))
+    return from_random()
+
+
+def test_calibration_lpips_matches_brute_force(folders, dataset, random_lpips):
+    train = load_training_images("npz", dataset, 8, SEED)
+    embedding = random_lpips.embed(train).numpy().astype(np.float64)
+    squared = ((embedding[:, None] - embedding[None]) ** 2).sum(axis=2)
+    np.fill_diagonal(squared, np.inf)
+    expected_m = 0.5 * np.sort(squared.min(axis=1))[int(np.floor(0.25 * 7))]
+
+    samples = planted_samples(train.numpy())
+    write_samples(folders["samples"], 8, samples)
+    write_brute_force_distances(folders["dists"], 8, samples, train.numpy(), metric="lpips",
+                                lpips_weights_id=random_lpips.weights_id)
+    (row,) = classify(options_for(folders, dataset, delta_m=None, delta_s=None, calibrate=True,
+                                  calibrate_quantile=0.25, calibrate_scale=0.5, device="cpu"))
+    assert row["delta_m"] == pytest.approx(expected_m, rel=1e-9)
+    assert row["delta_s"] == pytest.approx(expected_m * 2 / 3, rel=1e-9)
+    assert "lpips distances" in row["calibration"]
+
+
+def test_calibration_lpips_other_weights_rejected(folders, dataset, random_lpips):
+    train = load_training_images("npz", dataset, 8, SEED).numpy()
+    samples = planted_samples(train)
+    write_samples(folders["samples"], 8, samples)
+    write_brute_force_distances(folders["dists"], 8, samples, train, metric="lpips", lpips_weights_id="0123abcd")
+    with pytest.raises(MemgenError, match="differ from those of the distance files"):
+        classify(options_for(folders, dataset, delta_m=None, delta_s=None, calibrate=True, device="cpu"))
+
+
 def test_calibration_with_thresholds_rejected(folders, dataset):
     train = load_training_images("npz", dataset, 8, SEED).numpy()
     samples = planted_samples(train)
@@ -404,7 +446,7 @@ def check_png(path):
 
 def test_summary_figures_and_grids(folders, dataset):
     write_sweep(folders, dataset)
-    table = classify(options_for(folders, dataset, k=2))
+    table = classify(options_for(folders, dataset, k=2, grid_rows=2))
 
     assert [row["K"] for row in table] == [2, 4, 8]
     for row in table:
@@ -447,7 +489,7 @@ def test_other_thresholds_need_overwrite(folders, dataset):
 
 def test_existing_class_file_kept(folders, dataset):
     write_sweep(folders, dataset, sizes=(2,))
-    options = options_for(folders, dataset, k=2)
+    options = options_for(folders, dataset, k=2, grid_rows=2)
     classify(options)
     path = folders["classify"] / "identified" / "memorized" / "2.npz"
     grid = folders["classify"] / "grids" / "memorized-2.png"
@@ -468,3 +510,49 @@ def test_command_line_rejection_exits_2(folders, dataset, monkeypatch, capsys):
         runpy.run_path(str(REPO / "run_classify.py"), run_name="__main__")
     assert exit_info.value.code == 2
     assert "pass --delta-m and --delta-s in l2 units, or --calibrate" in capsys.readouterr().err
+
+
+# --- the whole chain on the ideal memorizer ----------------------------------------------
+
+
+def test_ideal_memorizer_chain_all_memorized(tmp_path, monkeypatch):
+    """Ideal-memorizer checkpoints -> run_generate -> run_distances (L2) -> run_classify: all memorized.
+
+    The last DDIM step (abar = 1 after it) returns the predicted x0, which the ideal
+    memorizer makes a training image, so every sample is a copy within float rounding.
+    """
+    from memgen.distances import DistanceOptions, compute_distances
+    from memgen.generate import GenerateOptions, generate_samples
+    from memgen.ideal import IdealCheckpointOptions, write_ideal_checkpoints
+    from memgen.runtime import Distributed
+
+    images = np.random.default_rng(4).uniform(-1, 1, size=(12, 1, 8, 8)).astype(np.float32)
+    dataset = write_npz_dataset(tmp_path / "tiny.npz", images)
+    checkpoints = write_ideal_checkpoints(IdealCheckpointOptions(
+        train_sizes=(2, 5), result_path=str(tmp_path / "ideal"), data_name="npz", data_path=str(dataset), seed=7))
+    for checkpoint in checkpoints:
+        generate_samples(GenerateOptions(ckpt_path=str(checkpoint), result_path=str(tmp_path / "samples"),
+                                         num_samples=6, batch_size=6, sampler="ddim", steps=10, seed=0,
+                                         device="cpu"), Distributed())
+    compute_distances(DistanceOptions(synth_path=str(tmp_path / "samples"), data_path=str(dataset),
+                                      result_path=str(tmp_path / "dists"), metric="l2", k=2, device="cpu"))
+
+    monkeypatch.setattr(sys, "argv", [
+        "run_classify.py", "--dist-path", str(tmp_path / "dists"), "--eval-path", str(tmp_path / "samples"),
+        "--data-path", str(dataset), "--result-path", str(tmp_path / "classify"), "--delta-m", "1e-4",
+        "--delta-s", "1e-4", "--k", "2", "--grid-rows", "3"])
+    runpy.run_path(str(REPO / "run_classify.py"), run_name="__main__")
+
+    summary = json.loads((tmp_path / "classify" / "summary.json").read_text())
+    assert [row["K"] for row in summary["rows"]] == [2, 5]
+    for row in summary["rows"]:
+        assert (row["memorized"], row["spurious"], row["generalized"]) == (6, 0, 0)
+        assert row["memorized_fraction"] == 1.0
+    for k in (2, 5):
+        memorized, meta = read_class({"classify": tmp_path / "classify"}, "memorized", k)
+        train = load_training_images("npz", dataset, k, 7).numpy()
+        np.testing.assert_allclose(memorized["top"], train[memorized["top-data-indices"][:, 0]], rtol=0, atol=1e-5)
+        assert meta["seed"] == 7
+        assert meta["train_size"] == k
+        check_png(tmp_path / "classify" / "grids" / f"memorized-{k}.png")
+    check_png(tmp_path / "classify" / "fractions.png")
