@@ -247,6 +247,10 @@ def read_metas(pair: FilePair) -> tuple[dict, dict]:
     if missing:
         raise MemgenError(f"sample file '{pair.samples}' has no {', '.join(missing)} in its metadata, so its "
                           "training set cannot be rebuilt; pass a file written by run_generate.py")
+    if int(sample_meta["train_size"]) != pair.k:
+        raise MemgenError(f"sample file '{pair.samples}' records train_size = {sample_meta['train_size']} but is "
+                          f"named {pair.k}.npz; rename it to {sample_meta['train_size']}.npz, together with its "
+                          f"distance file '{pair.distances}'")
     if not distance_meta.get("metric"):
         raise MemgenError(f"distance file '{pair.distances}' records no metric in its metadata; "
                           "pass a file written by run_distances.py")
@@ -283,12 +287,16 @@ def load_pair(pair: FilePair, k: int) -> PairData:
                                   f"sample file '{pair.samples}' has {key} = {sample_meta.get(key)!r}; pass "
                                   "samples of the same model")
 
+    for path, images in ((pair.samples, samples), (pair.synth, synth_samples)):
+        if images.ndim != 4 or images.shape[1:] != samples.shape[1:]:
+            raise MemgenError(f"'samples' of '{path}' has shape {images.shape}; expected (N, C, H, W) images "
+                              f"of shape {samples.shape[1:]}, as run_generate.py writes them")
     count = len(samples)
     for name in DISTANCE_KEYS:
         shape = arrays[name].shape
         if len(shape) != 2 or shape[0] != count:
             raise MemgenError(f"distance file '{pair.distances}' has '{name}' of shape {shape} but sample file "
-                              f"'{pair.samples}' holds {count} samples; the distances belong to other samples, "
+                              f"'{pair.samples}' contains {count} samples; the distances belong to other samples, "
                               "so rerun run_distances.py on this sample file")
         if shape[1] < k:
             raise MemgenError(f"distance file '{pair.distances}' has {shape[1]} neighbours per sample but "
@@ -606,6 +614,8 @@ def draw_class_grid(arrays: dict, meta: dict, rows: int, path: Path) -> Path:
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on `path` (created if needed), so sharded runs merge one at a time."""
+    # NOTE: flock serialises jobs on one machine and on NFS under Linux. On a parallel file
+    # system without lock support two merges can race, and the later one wins.
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

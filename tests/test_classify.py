@@ -289,6 +289,15 @@ def test_sample_count_mismatch_names_both_files(folders, dataset):
     assert str(folders["dists"] / "8.npz") in str(error.value)
 
 
+def test_renamed_sample_file_rejected(folders, dataset):
+    train = load_training_images("npz", dataset, 8, SEED).numpy()
+    samples = planted_samples(train)
+    write_samples(folders["samples"], 8, samples, train_size=4)
+    write_brute_force_distances(folders["dists"], 8, samples, train, train_size=4)
+    with pytest.raises(MemgenError, match="records train_size = 4 but is named 8.npz"):
+        classify(options_for(folders, dataset))
+
+
 def test_one_sided_k_rejected(folders, dataset):
     train = load_training_images("npz", dataset, 8, SEED).numpy()
     samples = planted_samples(train)
