@@ -82,7 +82,8 @@ class NoiseSchedule:
         else:
             self.betas = cosine_betas(timesteps)
         self.alphas = 1.0 - self.betas
-        # The product runs over 1 - beta; the paper's energy code used cumprod(betas) here.
+        # The product runs over 1 - beta. A product over beta (a known slip in published energy
+        # code) would leave a noise std of about 1 at t = 0 instead of 0.01.
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
 
     @classmethod
