@@ -262,7 +262,10 @@ def bisect_first_failures(probe: RecoveryProbe, count: int, trials: int, grid: S
 
     Each trial keeps a bracket (last recovered index, first failed index), starting from the
     virtual (-1, len(grid)), and halves it with one evaluation per round. All trials advance
-    together; rows whose midpoints share a step go through the network in one batch.
+    together, and rows whose midpoints share a step go through the network in one batch.
+
+    NOTE: later rounds split the rows into one batch per distinct step, so with few rows the
+    wall time can exceed the scan's even when the evaluations are fewer.
     """
     recovered_below = np.full((count, trials), -1, dtype=np.int64)
     failed_from = np.full((count, trials), len(grid), dtype=np.int64)

@@ -167,6 +167,19 @@ def first_rows(count: int, sample_size: int) -> int:
     return min(count, sample_size)
 
 
+def first_training_images(meta: dict, data_path: str | Path, sample_size: int) -> torch.Tensor:
+    """Load the first `sample_size` images of the training subset recorded in `meta`, float32 `(n, C, H, W)`.
+
+    Only those images are decoded, not all K, because K can be the whole dataset.
+    """
+    from memgen.data import load_dataset, load_images, subset_indices
+
+    dataset = load_dataset(meta["data_name"], data_path, image_size=meta["image_size"],
+                           centercrop=meta["centercrop"], train=True)
+    indices = subset_indices(len(dataset), meta["train_size"], meta["seed"])
+    return load_images(dataset, indices[:first_rows(len(indices), sample_size)])
+
+
 def load_probe_images(pair: KPair, model, data_path: str | Path | None, sample_size: int,
                       use_least: bool = False) -> ProbeImages:
     """Load the first `sample_size` images to probe for one K, checked against the model.
@@ -178,15 +191,9 @@ def load_probe_images(pair: KPair, model, data_path: str | Path | None, sample_s
     model_meta = model.data_meta()
     if pair.samples is None:
         check_pair_meta(pair, {}, model_meta, model.train_size)
-        from memgen.data import load_training_images
-
-        meta = model_meta
-        images = load_training_images(meta["data_name"], data_path or model.config["data"]["data_path"],
-                                      meta["train_size"], meta["seed"], image_size=meta["image_size"],
-                                      centercrop=meta["centercrop"])
-        count = first_rows(len(images), sample_size)
+        images = first_training_images(model_meta, data_path or model.config["data"]["data_path"], sample_size)
         source = {"sample_file": None, "class": "training", "part": "training"}
-        return ProbeImages(images[:count].float(), np.arange(count, dtype=np.int64), source)
+        return ProbeImages(images, np.arange(len(images), dtype=np.int64), source)
 
     images, indices, file_meta, part = read_sample_file(pair.samples, use_least)
     check_pair_meta(pair, file_meta, model_meta, model.train_size)

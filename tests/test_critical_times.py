@@ -352,6 +352,15 @@ def test_stage_least_part_and_training_images(sweep):
     assert read_meta(load_npz(training / "4.npz"))["class"] == "training"
 
 
+def test_training_probe_matches_subset(sweep):
+    from memgen.pairing import first_training_images
+
+    meta = data_meta(4)
+    images = first_training_images(meta, sweep["dataset"], 3)
+    torch.testing.assert_close(images, training_images(sweep["dataset"], 4)[:3], rtol=0, atol=0)
+    assert len(first_training_images(meta, sweep["dataset"], -1)) == 4
+
+
 def test_stage_skips_k_on_one_side(sweep, caplog):
     with caplog.at_level(logging.WARNING):
         pairs = pair_by_k(sweep["checkpoints"], sweep["classes"])
