@@ -298,7 +298,12 @@ def load_pair(pair: FilePair, k: int) -> PairData:
             raise MemgenError(f"distance file '{pair.distances}' has '{name}' of shape {shape} but sample file "
                               f"'{pair.samples}' contains {count} samples; the distances belong to other samples, "
                               "so rerun run_distances.py on this sample file")
-        if shape[1] < k:
+        reference_size = int(sample_meta.get("train_size", 0)) if name.startswith("data") else count - 1
+        if shape[1] < k and shape[1] == min(k, reference_size):
+            logger.warning("'%s' has %d neighbours in '%s' because its reference set has only %d images; "
+                           "using %d instead of --k %d", pair.distances, shape[1], name, reference_size,
+                           shape[1], k)
+        elif shape[1] < k:
             raise MemgenError(f"distance file '{pair.distances}' has {shape[1]} neighbours per sample but "
                               f"--k is {k}; pass --k {shape[1]} or rerun run_distances.py with more neighbours")
     if count == 0:
