@@ -459,6 +459,13 @@ def process_pair(pair, options: CriticalTimesOptions, output: Path, device: torc
                 time.perf_counter() - started, output)
 
 
+def describe_images(source: dict) -> str:
+    """Name the probed images for a figure title: the class, and the part of a class file."""
+    name = str(source.get("class", "?"))
+    part = source.get("part")
+    return f"{name} ({part})" if part in ("top", "least") else name
+
+
 def plot_critical_times(result_path: str | Path) -> Path:
     """Plot the mean critical time (bars: standard deviation over images and trials) against K.
 
@@ -478,7 +485,7 @@ def plot_critical_times(result_path: str | Path) -> Path:
         ks.append(k)
         means.append(float(arrays["time"].mean()))
         spreads.append(float(arrays["time"].std()))
-        labels.add(f"{meta.get('class', '?')} ({meta.get('part', '?')})")
+        labels.add(describe_images(meta))
 
     figure = Figure(figsize=(5, 3.5), layout="constrained")
     axes = figure.add_subplot()

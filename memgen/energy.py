@@ -291,6 +291,7 @@ def plot_energy(potential: np.ndarray, path: str | Path, k: int, source: dict) -
     """Draw the relative energies of one K: a histogram and the (references x samples) matrix."""
     from matplotlib.figure import Figure
 
+    from memgen.critical_times import describe_images
     from memgen.plots import save_figure
 
     figure = Figure(figsize=(9, 3.5), layout="constrained")
@@ -304,5 +305,5 @@ def plot_energy(potential: np.ndarray, path: str | Path, k: int, source: dict) -
     matrix.set_xlabel("sample")
     matrix.set_ylabel("reference")
     figure.colorbar(image, ax=matrix, label="dU")
-    figure.suptitle(f"K = {k}, {source.get('class', '?')} ({source.get('part', '?')})")
+    figure.suptitle(f"K = {k}, {describe_images(source)}")
     return save_figure(figure, path)
