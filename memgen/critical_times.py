@@ -15,7 +15,7 @@ Choices that differ from the code released with Pham et al. 2025 (arXiv:2505.217
   (seed, image, trial) and kept for every t. A trial thus follows one ray out of x0, and
   the result does not depend on the batch size. The released code draws fresh noise at
   each t and again for the radius.
-- The fraction that stops the scan counts the trials that have not failed yet; the
+- The fraction that stops the scan counts the trials that have not failed yet. The
   released code counts the trials recovered at the current t, over one batch of images.
 - A trial that fails at the first step gets 0, not the first step.
 - L2 is the Euclidean norm of the flattened difference (the released code used its inverse).
@@ -106,9 +106,10 @@ class CriticalTimesOptions:
 class CriticalTimes:
     """Result of one image set: critical time and radius per image and trial.
 
-    `time` int64 `(n, trials)` is a step index in [0, T - 1]; `radius` float32 `(n, trials)`;
-    `grid` the scanned steps; `stop_step` the grid step where the scan stopped;
-    `evaluations` the number of images passed through the network.
+    `time` (int64, `(n, trials)`) holds step indices in [0, T - 1] and `radius` (float32,
+    `(n, trials)`) the distances ||x_t - x0||. `grid` lists the scanned steps, `stop_step` is
+    the grid step where the scan stopped, and `evaluations` counts the images passed
+    through the network.
     """
 
     time: np.ndarray

@@ -197,8 +197,8 @@ def load_probe_images(pair: KPair, model, data_path: str | Path | None, sample_s
 
     images, indices, file_meta, part = read_sample_file(pair.samples, use_least)
     check_pair_meta(pair, file_meta, model_meta, model.train_size)
-    # A class can be empty for some K (no memorized sample at large K); the stage then
-    # records an empty result instead of stopping the sweep.
+    # A class can be empty for some K, for example no memorized sample at large K. The stage
+    # then records an empty result instead of stopping the sweep.
     check_image_batch(images, model.image_shape, f"'{pair.samples}' ({part})", allow_empty=True)
     count = first_rows(len(images), sample_size)
     source = {"sample_file": str(pair.samples), "class": file_meta.get("class", "samples"), "part": part}
