@@ -76,15 +76,21 @@ PIPELINE_SECTIONS = {"data": DataOptions, "train": TrainOptions, "model": ModelO
 
 
 class StageTimer:
-    """Record the wall time of each stage for the report."""
+    """Record the wall time of each stage for the report, and log to `log_file` between stages.
 
-    def __init__(self):
+    Each stage sends its own log to a file in its result folder; the pipeline's log file
+    is restored after every stage.
+    """
+
+    def __init__(self, log_file: Path):
         self.seconds: dict[str, float] = {}
+        self.log_file = log_file
 
     def run(self, name: str, function, *args, **kwargs):
         start = time.perf_counter()
         logger.info("stage %s: started", name)
         result = function(*args, **kwargs)
+        setup_logging(self.log_file)
         elapsed = time.perf_counter() - start
         self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
         logger.info("stage %s: finished in %.1f s", name, elapsed)
@@ -169,7 +175,7 @@ def run(data: DataOptions, train: TrainOptions, model: ModelOptions, options: Pi
     device_name = train.device
     device = pick_device(device_name)
     logger.info("quick-start pipeline for K = %s into '%s'", list(options.train_sizes), result)
-    timer = StageTimer()
+    timer = StageTimer(result / "pipeline.log")
     started = time.perf_counter()
 
     ckpt_dir = train_models(data, train, model, options, timer)
@@ -200,7 +206,6 @@ def run(data: DataOptions, train: TrainOptions, model: ModelOptions, options: Pi
             result_path=str(result / "energy" / name), data_path=data.data_path,
             sample_size=options.energy_sample_size, num_points=options.energy_num_points, device=device_name))
 
-    setup_logging(result / "pipeline.log")
     timings = {**timer.seconds, "total": time.perf_counter() - started}
     report = write_report(result, data, train, model, options, timings, device)
     logger.info("wrote '%s' after %.1f s", report, timings["total"])

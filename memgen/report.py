@@ -163,11 +163,12 @@ def write_report(result: Path, data, train, model, options, timings: dict, devic
 
     lines += ["## Samples beside their nearest training images and samples", ""]
     for name in CLASSES:
-        grids = sorted((classify_dir / "grids").glob(f"{name}-*.png"),
-                       key=lambda p: int(p.stem.rsplit("-", 1)[1]))
-        for grid in grids:
-            lines += [f"{name}, K = {grid.stem.rsplit('-', 1)[1]}:", ""]
-            lines += _figure(result, grid, f"{name} samples at K = {grid.stem.rsplit('-', 1)[1]}")
+        for row in rows:
+            if int(row[name]) == 0:
+                continue
+            lines += [f"{name}, K = {row['K']} ({row[name]} samples):", ""]
+            lines += _figure(result, classify_dir / "grids" / f"{name}-{row['K']}.png",
+                             f"{name} samples at K = {row['K']}")
 
     lines += ["## Critical times (basins of attraction)", "",
               "Largest noise step from which a DDIM denoiser still returns the image within the recovery "

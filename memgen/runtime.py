@@ -17,18 +17,26 @@ LOG_FORMAT = "[%(asctime)s] %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging(log_file: str | os.PathLike | None = None, rank: int = 0) -> None:
-    """Log INFO to the console (rank 0 only) and, when given, to `log_file` as well."""
+    """Log INFO to the console (rank 0 only) and, when given, to `log_file` as well.
+
+    Calling it again replaces the handlers it added before and leaves other handlers
+    (such as pytest's log capture) in place.
+    """
     root = logging.getLogger()
     for handler in list(root.handlers):
-        root.removeHandler(handler)
+        if getattr(handler, "memgen_handler", False):
+            root.removeHandler(handler)
+            handler.close()
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     console = logging.StreamHandler()
     console.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    console.memgen_handler = True
     root.addHandler(console)
     if log_file is not None and rank == 0:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(log_file)
         file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        file_handler.memgen_handler = True
         root.addHandler(file_handler)
 
 
