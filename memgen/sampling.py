@@ -160,7 +160,7 @@ def ddim_denoise_timesteps(t_start: int, steps: int) -> list[int]:
     n = min(steps, t_start), at least 1, evenly spaced steps round(t_start * (n-1-k) / (n-1))
     for k = 0, ..., n-1 (numpy rounding, halves to even): they start at t_start and, for
     n >= 2, end at 0. With n = 1 the only step is t_start. Consecutive steps differ by
-    at least 1 because n <= t_start + 1.
+    at least 1 because n <= t_start.
     """
     if t_start < 0 or steps < 1:
         raise ValueError(f"t_start {t_start} must be >= 0 and steps {steps} >= 1")

@@ -88,7 +88,8 @@ def test_generate_writes_samples_and_meta(checkpoint, tmp_path):
     assert np.array_equal(samples[4:], expected_samples(checkpoint, range(4, 6)))
 
     assert read_meta(arrays) == {
-        "data_name": "fashionmnist", "train_size": K, "seed": 11, "image_size": 8, "in_channels": 1,
+        "data_name": "fashionmnist", "data_path": "/nonexistent", "train_size": K, "seed": 11, "image_size": 8,
+        "in_channels": 1,
         "centercrop": False, "sampler": "ddim", "steps": 5, "eta": 1.0, "sample_seed": 5, "num_samples": 6,
         "ckpt_path": str(checkpoint.resolve()), "iteration": 7, "checkpoint_kind": "memgen-unet",
         "use_ema": True, "memgen_version": __version__,
