@@ -465,20 +465,25 @@ class LPIPSEmbedding(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embed a batch of [-1, 1] images (B, C, H, W) into float32 rows (B, D)."""
         x = preprocess(images.float())
-        parts = []
-        layer = 0
+        activations = []
         for index, module in enumerate(self.features):
             x = module(x)
-            if index == self.taps[layer]:
-                norm = x.pow(2).sum(dim=1, keepdim=True).sqrt()
-                normalized = x / (norm + NORMALIZE_EPS)
-                height, width = x.shape[-2:]
-                scale = getattr(self, f"scale{layer}") / float(height * width) ** 0.5
-                parts.append((normalized * scale.view(1, -1, 1, 1)).flatten(1))
-                layer += 1
-                if layer == len(self.taps):
+            if index in self.taps:
+                activations.append(x)
+                if len(activations) == len(self.taps):
                     break
-        return torch.cat(parts, dim=1)
+
+        out = x.new_empty((len(x), sum(activation[0].numel() for activation in activations)))
+        offset = 0
+        for layer, activation in enumerate(activations):
+            channels, height, width = activation.shape[1:]
+            size = channels * height * width
+            # phi_l = f_l / (||f_l||_channels + eps) * sqrt(w_lc / (H W)), as one product.
+            norm = torch.linalg.vector_norm(activation, dim=1, keepdim=True) + NORMALIZE_EPS
+            scale = getattr(self, f"scale{layer}").view(1, -1, 1, 1) / float(height * width) ** 0.5
+            torch.mul(activation, scale / norm, out=out[:, offset:offset + size].view(-1, channels, height, width))
+            offset += size
+        return out
 
     def dim_for(self, image_size: int | tuple[int, int], channels: int = 3) -> int:
         """Return the embedding length D for images of side `image_size` (or (H, W))."""

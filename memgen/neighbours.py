@@ -1,9 +1,10 @@
 """Exact k nearest neighbours under squared Euclidean distance, and the on-disk embedding cache.
 
 `knn` finds candidates with tiled matrix products, d(a, b) = ||a||^2 + ||b||^2 - 2 a.b in
-float32, then recomputes the distance of every candidate as sum((a - b)^2) in float64
-and ranks by that. The expansion loses digits exactly where near-copies sit, so the
-float32 pass only shortlists k + margin candidates per query. Memory stays within
+float32. The expansion loses digits exactly where near-copies sit, so this pass only
+shortlists k + margin candidates per query. Every candidate whose float32 distance is
+within the rounding bound of the k-th one then gets sum((a - b)^2) in float64, and the
+ranking uses those exact values. Memory stays within
 `tile_bytes` per tile plus the candidate lists, and the references may be a numpy memory
 map, so a training-set embedding larger than RAM is read block by block.
 
@@ -36,6 +37,9 @@ DEFAULT_TILE_BYTES = 1 << 30
 # Extra candidates per query kept from the float32 pass for the float64 re-ranking.
 DEFAULT_MARGIN = 16
 
+# Float64 differences computed at once by the CPU re-ranking, sized to stay in cache.
+CPU_CHUNK_BYTES = 4 << 20
+
 Array = np.ndarray | torch.Tensor
 
 
@@ -53,7 +57,7 @@ def _rows(array: Array, start: int, stop: int, device: torch.device, dtype: torc
 
 
 def _gather(array: Array, indices: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Copy the rows `indices` (sorted, for sequential reads of a memory map) as float64."""
+    """Copy the rows `indices` of a numpy array, memory map or tensor to `device` as float64."""
     if isinstance(array, np.ndarray):
         block = torch.from_numpy(np.ascontiguousarray(array[indices]))
     else:
@@ -76,13 +80,32 @@ def _block_sizes(dim: int, num_queries: int, num_references: int, width: int,
     return query_rows, reference_rows
 
 
-def _shortlist(queries: Array, references: Array, width: int, exclude_self: bool, query_offset: int,
-               tile_bytes: int, device: torch.device) -> np.ndarray:
-    """Return the indices (Q, width) of the `width` smallest float32 expanded distances per query.
+# Unit roundoff of float32.
+FLOAT32_ROUNDOFF = 2.0 ** -24
 
-    Both sides are shifted by the mean of the first reference block first: a common
-    shift leaves distances unchanged and shrinks the norms whose difference the
-    expansion takes.
+
+def rounding_error_factor(dim: int) -> float:
+    """Return f with |expanded float32 distance - true distance| <= f (||q - c||^2 + ||r - c||^2).
+
+    The three sums of `dim` products each err by at most gamma = dim u / (1 - dim u) of
+    their absolute sum (u: float32 unit roundoff, any summation order), and |q.r| is at
+    most half the two squared norms. The float32 shift by the centre c and the final
+    additions add a few u; 16 u covers them. Infinite when dim u >= 1.
+    """
+    if dim * FLOAT32_ROUNDOFF >= 1:
+        return float("inf")
+    gamma = dim * FLOAT32_ROUNDOFF / (1 - dim * FLOAT32_ROUNDOFF)
+    return 2 * gamma + 16 * FLOAT32_ROUNDOFF
+
+
+def _shortlist(queries: Array, references: Array, width: int, exclude_self: bool, query_offset: int,
+               tile_bytes: int, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Find the `width` smallest float32 expanded distances of each query.
+
+    Returns the distances (Q, width) ascending, their reference indices (Q, width) and a
+    bound (Q,) on each query's rounding error. Both sides are shifted by the mean c of
+    the first reference block: a common shift leaves distances unchanged and shrinks
+    the norms whose difference the expansion takes.
     """
     num_queries, dim = queries.shape
     num_references = references.shape[0]
@@ -91,18 +114,22 @@ def _shortlist(queries: Array, references: Array, width: int, exclude_self: bool
 
     best_distances = torch.full((num_queries, width), float("inf"), device=device)
     best_indices = torch.full((num_queries, width), -1, dtype=torch.int64, device=device)
+    query_norms = torch.zeros(num_queries, dtype=torch.float64, device=device)
+    max_reference_norm = 0.0
     tiles = -(-num_references // reference_rows) * -(-num_queries // query_rows)
     progress = tqdm(total=tiles, desc="neighbour search", unit="tile", disable=tiles < 4)
     for reference_start in range(0, num_references, reference_rows):
         reference_stop = min(reference_start + reference_rows, num_references)
         block = _rows(references, reference_start, reference_stop, device, torch.float32) - centre
         block_norms = block.pow(2).sum(dim=1)
+        max_reference_norm = max(max_reference_norm, float(block_norms.max()))
         block_indices = torch.arange(reference_start, reference_stop, device=device)
         for query_start in range(0, num_queries, query_rows):
             query_stop = min(query_start + query_rows, num_queries)
             query = _rows(queries, query_start, query_stop, device, torch.float32) - centre
-            distances = torch.addmm(query.pow(2).sum(dim=1, keepdim=True) + block_norms, query, block.T,
-                                    alpha=-2.0)
+            norms = query.pow(2).sum(dim=1, keepdim=True)
+            query_norms[query_start:query_stop] = norms.flatten().double()
+            distances = torch.addmm(norms + block_norms, query, block.T, alpha=-2.0)
 
             if exclude_self:
                 own = torch.arange(query_start, query_stop, device=device) + query_offset
@@ -118,32 +145,60 @@ def _shortlist(queries: Array, references: Array, width: int, exclude_self: bool
             best_indices[query_start:query_stop] = torch.gather(merged_indices, 1, kept)
             progress.update()
     progress.close()
-    return best_indices.cpu().numpy()
+
+    best_distances, order = torch.sort(best_distances, dim=1)
+    best_indices = torch.gather(best_indices, 1, order)
+    # The computed norms err by up to gamma themselves; 1.01 covers that factor.
+    error = rounding_error_factor(dim) * 1.01 * (query_norms + max_reference_norm)
+    return best_distances.double().cpu().numpy(), best_indices.cpu().numpy(), error.cpu().numpy()
 
 
-def _exact_distances(queries: Array, references: Array, candidates: np.ndarray, tile_bytes: int,
-                     device: torch.device) -> np.ndarray:
-    """Compute sum((q - r)^2) in float64 for every query q and each of its candidates r.
+def _as_numpy(array: Array) -> np.ndarray:
+    return array.cpu().numpy() if isinstance(array, torch.Tensor) else array
 
-    Pairs are visited in order of reference index, so a memory-mapped reference set is
-    read in ascending row order, in blocks of pairs that fit in `tile_bytes`.
+
+def _exact_distances(queries: Array, references: Array, candidates: np.ndarray, selected: np.ndarray,
+                     tile_bytes: int, device: torch.device) -> np.ndarray:
+    """Compute sum((q - r)^2) in float64 for each query q and its selected candidates r.
+
+    candidates: reference indices (Q, width); selected: boolean (Q, width). Returns
+    (Q, width) float64 with +inf where a candidate is not selected. Each difference is
+    taken in float64, so it is exact for float32 inputs.
     """
-    num_queries, width = candidates.shape
-    dim = queries.shape[1]
-    query_index = np.repeat(np.arange(num_queries), width)
-    reference_index = candidates.reshape(-1)
-    order = np.argsort(reference_index, kind="stable")
-    exact = np.empty(num_queries * width, dtype=np.float64)
+    exact = np.full(candidates.shape, np.inf)
+    query_index, column = np.nonzero(selected)
+    reference_index = candidates[query_index, column]
+    if device.type != "cpu":
+        exact[query_index, column] = _exact_on_device(queries, references, query_index, reference_index,
+                                                      tile_bytes, device)
+        return exact
 
-    pairs_per_block = max(1, tile_bytes // (3 * 8 * dim))
-    for start in range(0, len(order), pairs_per_block):
-        chosen = order[start:start + pairs_per_block]
-        unique, inverse = np.unique(reference_index[chosen], return_inverse=True)
-        reference_rows = _gather(references, unique, device)
-        query_rows = _gather(queries, query_index[chosen], device)
-        difference = query_rows - reference_rows[torch.from_numpy(inverse).to(device)]
-        exact[chosen] = difference.pow(2).sum(dim=1).cpu().numpy()
-    return exact.reshape(num_queries, width)
+    # On the CPU, numpy in cache-sized chunks beats large torch operations, which are
+    # bound by memory traffic. Pairs go in reference order, so a memory map is read forward.
+    order = np.argsort(reference_index, kind="stable")
+    query_index, column, reference_index = query_index[order], column[order], reference_index[order]
+    queries, references = _as_numpy(queries), _as_numpy(references)
+    pairs_per_chunk = max(1, min(tile_bytes, CPU_CHUNK_BYTES) // (8 * queries.shape[1]))
+    for start in range(0, len(order), pairs_per_chunk):
+        chunk = slice(start, start + pairs_per_chunk)
+        difference = np.subtract(references[reference_index[chunk]], queries[query_index[chunk]],
+                                 dtype=np.float64)
+        exact[query_index[chunk], column[chunk]] = np.einsum("ij,ij->i", difference, difference)
+    return exact
+
+
+def _exact_on_device(queries: Array, references: Array, query_index: np.ndarray, reference_index: np.ndarray,
+                     tile_bytes: int, device: torch.device) -> np.ndarray:
+    """Compute sum((q - r)^2) in float64 for the pairs (query_index, reference_index) on `device`."""
+    dim = queries.shape[1]
+    exact = np.empty(len(query_index))
+    pairs_per_chunk = max(1, tile_bytes // (2 * 8 * dim))
+    for start in range(0, len(query_index), pairs_per_chunk):
+        chunk = slice(start, start + pairs_per_chunk)
+        reference_rows = _gather(references, reference_index[chunk], device)
+        query_rows = _gather(queries, query_index[chunk], device)
+        exact[chunk] = reference_rows.sub_(query_rows).square_().sum(dim=1).cpu().numpy()
+    return exact
 
 
 @contextlib.contextmanager
@@ -193,15 +248,20 @@ def knn(queries: Array, references: Array, k: int, exclude_self: bool = False, q
         return np.zeros((num_queries, k), np.float64), np.zeros((num_queries, k), np.int64)
 
     device = torch.device(device) if device is not None else torch.device("cpu")
-    # NOTE: the result is exact unless more than `margin` references lie within the float32
-    # rounding error of the k-th distance, for example more than k + margin exact copies of
-    # a query. Then the float32 pass decides which of them reach the re-ranking.
+    # NOTE: the result is exact unless more than `margin` candidates lie within the rounding
+    # bound of the k-th distance (for example more than k + margin exact copies of a
+    # query, or a huge D that makes the bound useless). Then the float32 pass decides
+    # which of them reach the re-ranking.
     width = min(k + margin, available)
     with torch.no_grad(), _full_float32_matmul():
-        candidates = _shortlist(queries, references, width, exclude_self, query_offset, tile_bytes, device)
-        exact = _exact_distances(queries, references, candidates, tile_bytes, device)
+        approximate, candidates, error = _shortlist(queries, references, width, exclude_self, query_offset,
+                                                    tile_bytes, device)
+        # A true k-th neighbour has approximate distance <= the approximate k-th + 2 error.
+        selected = approximate <= (approximate[:, k - 1] + 2 * error)[:, None]
+        selected[:, :k] = True
+        exact = _exact_distances(queries, references, candidates, selected, tile_bytes, device)
 
-    if not np.isfinite(exact).all():
+    if not np.isfinite(exact[selected]).all():
         raise MemgenError("the embeddings contain NaN or infinite values; check the input images")
     order = np.lexsort((candidates, exact), axis=-1)[:, :k]
     return np.take_along_axis(exact, order, axis=1), np.take_along_axis(candidates, order, axis=1)
@@ -252,7 +312,7 @@ def cached_embedding(model: LPIPSEmbedding, images: Array, name: str, batch_size
 
     `images` (N, C, H, W) must be a prefix of one fixed image sequence (the seeded
     permutation of a training split), named by `name`. The cache file
-    `<folder>/<name>-<weights_id>.npy` (folder: `cache_dir()/lpips/embeddings`) holds the
+    `<folder>/<name>-<weights_id>.npy` (folder: `cache_dir()/lpips/embeddings`) contains the
     longest prefix embedded so far, and a digest per image checks that the cached rows
     belong to these images; rows from the first differing image on are embedded again.
     The result is a read-only memory map when the cache is used.

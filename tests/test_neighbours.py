@@ -10,7 +10,7 @@ import torch
 
 from memgen.errors import MemgenError
 from memgen.lpips import LPIPSEmbedding, build_features
-from memgen.neighbours import cached_embedding, image_digests, knn
+from memgen.neighbours import _exact_distances, _exact_on_device, _shortlist, cached_embedding, image_digests, knn, rounding_error_factor
 
 
 def brute_force(queries, references, k, exclude_self=False, query_offset=0):
@@ -76,6 +76,45 @@ def test_knn_orders_near_duplicates():
                  - 2 * queries @ references.T)
     float32_order = np.argsort(expansion, axis=1, kind="stable")[:, :copies]
     assert not np.array_equal(float32_order, expected[1])
+
+
+def test_shortlist_error_bound_holds():
+    """The float32 expansion stays within the stated rounding bound of the float64 distance."""
+    rng = np.random.default_rng(17)
+    references = (50 + 10 * rng.normal(size=(60, 300))).astype(np.float32)
+    queries = np.concatenate([references[:5] + 1e-4, (50 + 10 * rng.normal(size=(20, 300))).astype(np.float32)])
+    queries = queries.astype(np.float32)
+
+    approximate, indices, error = _shortlist(queries, references, 60, False, 0, 1 << 20, torch.device("cpu"))
+
+    exact = ((queries[:, None].astype(np.float64) - references[indices].astype(np.float64)) ** 2).sum(axis=2)
+    assert np.all(np.abs(approximate - exact) <= error[:, None])
+    assert np.all(np.diff(approximate, axis=1) >= 0)
+    assert np.all(error > 0)
+
+
+def test_device_rerank_matches_cpu_rerank():
+    """The torch re-ranking used on accelerators, run here on the CPU, agrees with the numpy one."""
+    queries, references = random_points(7, 33, 18), random_points(25, 33, 19)
+    candidates = np.random.default_rng(20).integers(0, 25, size=(7, 6))
+    selected = np.random.default_rng(21).random((7, 6)) < 0.7
+
+    on_cpu = _exact_distances(queries, references, candidates, selected, 1 << 20, torch.device("cpu"))
+    rows, columns = np.nonzero(selected)
+    on_device = _exact_on_device(queries, references, rows, candidates[rows, columns], 2000, torch.device("cpu"))
+
+    expected = ((queries[rows].astype(np.float64) - references[candidates[rows, columns]]) ** 2).sum(axis=1)
+    np.testing.assert_allclose(on_cpu[rows, columns], expected, rtol=1e-13)
+    np.testing.assert_allclose(on_device, expected, rtol=1e-13)
+    assert np.all(np.isinf(on_cpu[~selected]))
+
+
+def test_rounding_error_factor_values():
+    unit = 2.0 ** -24
+
+    assert rounding_error_factor(1) == pytest.approx(2 * unit / (1 - unit) + 16 * unit)
+    assert rounding_error_factor(5760) == pytest.approx(2 * 5760 * unit / (1 - 5760 * unit) + 16 * unit)
+    assert rounding_error_factor(2 ** 24) == float("inf")
 
 
 def test_knn_ties_go_to_smaller_index():
