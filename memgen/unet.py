@@ -179,7 +179,8 @@ class TimeEmbedding(nn.Module):
         self.linear_2 = nn.Linear(4 * dim, 4 * dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(timestep_embedding(t, self.dim))))
+        features = timestep_embedding(t, self.dim).to(self.linear_1.weight.dtype)
+        return self.linear_2(F.silu(self.linear_1(features)))
 
 
 class UNet(nn.Module):
