@@ -62,8 +62,8 @@ class DistanceOptions:
 
     synth_path: str = "results/samples"
     """Sample files <K>.npz from run_generate.py: a folder of them, or one file."""
-    data_path: str = "data"
-    """Dataset root from which the training subset recorded in each sample file is rebuilt."""
+    data_path: str = ""
+    """Dataset root for rebuilding the training subset of each sample file; default: the data_path recorded in it."""
     result_path: str = "results/distances"
     """Folder for <K>.npz, and for shards/<K>.shard-<s>-of-<n>.npz of sharded runs."""
     metric: str = "lpips"
@@ -206,7 +206,9 @@ class DistanceStage:
         """Return the features (K, D) of the training subset: cached LPIPS embedding or pixels."""
         if self.options.metric == "l2":
             return train.reshape(len(train), -1).numpy()
-        name = embedding_cache_name([meta["data_name"], f"seed{meta['seed']}",
+        # Generic datasets (npz, imagefolder) share a name, so the dataset root is part of the key.
+        root = hashlib.blake2b(str(Path(str(meta.get("data_path"))).resolve()).encode(), digest_size=4).hexdigest()
+        name = embedding_cache_name([meta["data_name"], root, f"seed{meta['seed']}",
                                      "x".join(str(size) for size in train.shape[1:]),
                                      "centercrop" if meta.get("centercrop") else "full"])
         return cached_embedding(self.embedding, train, name, batch_size=self.options.batch_size)
@@ -239,7 +241,7 @@ class DistanceStage:
             "num_train_images": num_train_images,
             "memgen_version": __version__,
         }
-        for key in ("data_name", "train_size", "seed", "image_size", "in_channels", "centercrop"):
+        for key in ("data_name", "data_path", "train_size", "seed", "image_size", "in_channels", "centercrop"):
             if key in sample_meta:
                 meta[key] = sample_meta[key]
         if self.embedding is not None:
@@ -266,10 +268,11 @@ class DistanceStage:
         logger.info("K = %d: %s distances of samples %d to %d of %d from '%s' against %d training images",
                     k_value, options.metric, start, stop, len(samples), path, len(train))
 
+        data_meta = {**sample_meta, "data_path": options.data_path or sample_meta.get("data_path")}
         scratch = ensure_writable_dir(out.parent)
         features = self._sample_features(samples, scratch)
         try:
-            train_features = self._train_features(train, sample_meta)
+            train_features = self._train_features(train, data_meta)
             queries = features.array[start:stop]
             data_dists, data_indices = knn(queries, train_features, options.k, tile_bytes=self.tile_bytes,
                                            device=self.device)
@@ -280,7 +283,7 @@ class DistanceStage:
         if options.metric == "l2":
             data_dists, synth_dists = np.sqrt(data_dists), np.sqrt(synth_dists)
 
-        meta = self.result_meta(path, sample_meta, len(samples), samples_digest(arrays["samples"]), len(train))
+        meta = self.result_meta(path, data_meta, len(samples), samples_digest(arrays["samples"]), len(train))
         if sharded:
             meta.update(shard_index=options.shard_index, num_shards=options.num_shards,
                         row_start=start, row_stop=stop)

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -49,10 +50,17 @@ def _check_matrix(name: str, array: Array) -> None:
 
 
 def _rows(array: Array, start: int, stop: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Copy rows [start, stop) of a numpy array, memory map or tensor to `device`."""
+    """Return rows [start, stop) of a numpy array, memory map or tensor on `device` as `dtype`.
+
+    The result shares memory with `array` when no conversion is needed, so callers must
+    not write to it.
+    """
     block = array[start:stop]
     if isinstance(block, np.ndarray):
-        block = torch.from_numpy(np.ascontiguousarray(block))
+        with warnings.catch_warnings():
+            # A read-only memory map gives a read-only tensor, which torch warns about.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            block = torch.from_numpy(np.ascontiguousarray(block))
     return block.to(device=device, dtype=dtype)
 
 

@@ -248,6 +248,22 @@ def test_samples_slightly_outside_range_clipped(tiny_run):
     np.testing.assert_array_equal(arrays["data-dists"], np.sqrt(data_squared).astype(np.float32))
 
 
+def test_data_path_from_sample_metadata(tiny_run):
+    save_npz(tiny_run["synth"] / "9.npz", meta={**tiny_run["meta"], "data_path": str(tiny_run["dataset"])},
+             samples=tiny_run["samples"])
+
+    compute_distances(options_for(tiny_run, "l2", data_path=""))
+    arrays, meta = read_result(tiny_run["root"] / "l2" / "9.npz")
+
+    assert arrays["data-indices"][0, 0] == 4
+    assert meta["data_path"] == str(tiny_run["dataset"])
+
+
+def test_missing_data_path_rejected(tiny_run):
+    with pytest.raises(MemgenError, match="--data-path"):
+        compute_distances(options_for(tiny_run, "bad", data_path=""))
+
+
 def test_missing_metadata_rejected(tiny_run):
     save_npz(tiny_run["synth"] / "9.npz", meta={"data_name": "npz"}, samples=tiny_run["samples"])
 
