@@ -349,8 +349,9 @@ def cached_embedding(model: LPIPSEmbedding, images: Array, name: str, batch_size
             with open(temporary_digests, "wb") as handle:
                 np.save(handle, digests)
             extended = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=(count, dim))
-            if reusable:
-                extended[:reusable] = embedding[:reusable]
+            step = max(1, (1 << 28) // (4 * dim))
+            for start in range(0, reusable, step):
+                extended[start:min(start + step, reusable)] = embedding[start:min(start + step, reusable)]
             model.embed(images[reusable:], batch_size=batch_size, out=extended[reusable:])
             extended.flush()
             del extended

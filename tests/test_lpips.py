@@ -59,6 +59,7 @@ def load_example(name: str) -> torch.Tensor:
     ("alex", (1, 28, 28)),
     ("vgg", (3, 32, 32)),
     ("vgg", (1, 28, 28)),
+    ("squeeze", (3, 48, 48)),
 ])
 def test_embedding_matches_lpips_package(network, shape):
     reference = reference_lpips(network)
