@@ -1,5 +1,6 @@
 """Tests of the 2D toy model: exact energies, likelihood ODE, attractors, basins, training, CLI."""
 
+import logging
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ from memgen.toy import commands
 from memgen.toy import energy as exact
 from memgen.toy.attractors import cluster_attractors, gap_threshold, retrieve
 from memgen.toy.basin import critical_times
-from memgen.toy.cli import build_parser
+from memgen.toy.cli import build_parser, main
 from memgen.toy.data import circle_points
 from memgen.toy.landscape import LandscapeOptions
 from memgen.toy.likelihood import energy_from_log_density, ode_log_likelihood, score_and_divergence
@@ -205,6 +206,23 @@ def test_ode_likelihood_of_point_mixture_matches_exact():
     np.testing.assert_allclose(log_density.numpy(), expected, atol=1e-4)
 
 
+def test_sampler_reproduces_gaussian_data():
+    # Exact score of data N(m, s0^2 I) and the exact prior N(m, (s0^2 + 1) I): the samples
+    # must follow N(m, s0^2 I) up to the t_min = 1e-3 of noise left and the step error.
+    m, s0 = torch.tensor([0.5, -1.0]), 0.5
+    sde = VESDE()
+    prior = NoisedPointsPrior(m[None].double(), math.sqrt(s0**2 + 1))
+    samples = sde.sample(lambda x, t: -(x - m) / (s0**2 + t[:, None]), prior, 20000,
+                         generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(samples.mean(dim=0).numpy(), m.numpy(), atol=0.02)
+    np.testing.assert_allclose(samples.std(dim=0).numpy(), [s0, s0], rtol=0.03)
+
+
+def test_reverse_rejects_forward_times():
+    with pytest.raises(ValueError, match="t_start must be the larger"):
+        VESDE().reverse(lambda x, t: x, torch.zeros(1, 2), 0.001, 0.01)
+
+
 def test_priors_log_density_closed_form():
     x = torch.tensor([[0.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
     gaussian = GaussianPrior(2.0)
@@ -378,6 +396,23 @@ def test_exact_command_needs_one_of_t_and_beta(tmp_path):
     path = commands.run_exact(tmp_path, 2, 0, None, 10.0, grid_size=11, arrow_size=5)
     assert path.name == "exact_K2_t0.05.png"
     assert path.is_file()
+
+
+def test_cli_data_command_writes_figure(tmp_path):
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        main(["data", "--out", str(tmp_path), "--ks", "2", "5"])
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            if handler not in handlers:
+                handler.close()
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+    assert (tmp_path / "data.png").is_file()
+    assert "toy_example.py data" in (tmp_path / "toy.log").read_text()
 
 
 @pytest.mark.parametrize("command", ["data", "exact", "train", "plots", "basin", "all"])

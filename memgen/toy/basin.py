@@ -58,8 +58,8 @@ def critical_times(score: ScoreFunction, points: torch.Tensor, sde: VESDE, times
     All trials of the points still in the scan run as one batch per time. Times above
     `times[-1]` are not tried, so a point that never failed is marked censored.
     """
-    if times[0] < sde.t_min:
-        raise MemgenError(f"the first basin time {times[0]:g} is below the sampler's end time "
+    if times[0] <= sde.t_min:
+        raise MemgenError(f"the first basin time {times[0]:g} is not above the sampler's end time "
                           f"t_min = {sde.t_min:g}; raise --t-start")
     num_points = points.shape[0]
     critical = np.zeros(num_points)

@@ -38,10 +38,12 @@ examples:
   python toy_example.py plots --k 9 --t 0.05
   python toy_example.py basin --k 9 --delta 0.1 --p 0.9
 
-`all` took {all_minutes} on a 2-core CPU (shared with other jobs); see docs/toy_example.md.
+`all` with the defaults took {all_minutes}; see docs/toy_example.md.
 """
 
-ALL_RUN_TIME = "about N minutes"
+# Measured with the defaults: 2 min 50 s wall and 84 s of CPU time on a 2-core x86 box
+# that other jobs kept busy (load average about 8).
+ALL_RUN_TIME = "about 3 minutes on a busy 2-core CPU"
 
 
 def positive_int(text: str) -> int:
@@ -73,8 +75,8 @@ def common_options() -> argparse.ArgumentParser:
                        help="torch device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1 "
                             "(default: %(default)s)")
     group.add_argument("--threads", type=positive_int, default=1, metavar="INT",
-                       help="CPU threads of torch; the toy's tensors are small, so one thread is "
-                            "fastest, and more threads slow it down on a busy machine (default: %(default)s)")
+                       help="CPU threads of torch. The toy's tensors are small: on a busy 2-core machine "
+                            "one thread trained about 15 times faster than two (default: %(default)s)")
     return parser
 
 
@@ -215,8 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run_all = subparsers.add_parser("all", parents=[common, data_options(default_k=None), train_options(),
                                                      landscape_options(), prior_options(), basin_options()],
-                                    help=f"everything for several K and a summary figure ({ALL_RUN_TIME} "
-                                         "on a 2-core CPU)")
+                                    help=f"everything for several K and a summary figure ({ALL_RUN_TIME})",
+                                    description="Run data, exact, train, plots and basin for each K and write "
+                                                "summary_t<t>.png with the regimes side by side. Training "
+                                                "resumes from existing checkpoints. With the defaults this "
+                                                f"took {ALL_RUN_TIME}.")
     run_all.add_argument("--ks", type=positive_int, nargs="+", default=[2, 9, 1000], metavar="K",
                          help="numbers of training points, one column each in the summary (default: 2 9 1000)")
     return parser

@@ -51,7 +51,7 @@ def run_exact(out: Path, k: int, seed: int, t: float | None, beta: float | None,
     """
     if (t is None) == (beta is None):
         raise MemgenError("pass exactly one of --t and --beta")
-    if t is not None and t <= 0 or beta is not None and beta <= 0:
+    if (t is not None and t <= 0) or (beta is not None and beta <= 0):
         raise MemgenError(f"--t {t} / --beta {beta} must be positive")
     if t is None:
         t = 1.0 / (2.0 * sigma**2 * beta)
@@ -157,7 +157,7 @@ def run_all(out: Path, ks: list[int], data_seed: int, sde: VESDE, config: TrainC
     `basin` contains the keyword arguments of `run_basin` other than out, k and device.
     Training resumes from existing checkpoints unless `overwrite` is set.
     """
-    run_data(out, sorted(set(ks) | {4}), data_seed)
+    run_data(out, ks, data_seed)
     landscapes = {}
     for k in ks:
         run_exact(out, k, data_seed, t, None, sde.sigma)

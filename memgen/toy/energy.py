@@ -17,7 +17,8 @@ integral over the angle, which gives E_K(x) -> E_circle(|x|) - (log K) / beta wi
 
 E_circle has its minimum at the origin for beta <= 1 and on a ring of radius R* > 0 with
 R* = I1(2 beta R*) / I0(2 beta R*) for beta > 1. Bessel functions use the exponentially
-scaled scipy.special.i0e / i1e, so large beta R never overflows.
+scaled scipy.special.i0e / i1e, so E_circle stays finite where I0 itself overflows a
+float64 (2 beta R > 713).
 """
 
 import numpy as np

@@ -58,13 +58,14 @@ def style_plane(ax: Axes, limit: float, title: str) -> None:
     ax.set_title(title, fontsize=10)
 
 
-def draw_energy(ax: Axes, grid: np.ndarray, energy: np.ndarray, vmax: float | None = None):
-    """Filled contours of energy - min(energy) on a square grid; returns the contour set.
+def draw_energy(ax: Axes, grid: np.ndarray, energy: np.ndarray, vmax: float | None = None,
+                reference: float | None = None):
+    """Draw filled contours of energy - reference (default its minimum); return the contour set.
 
     grid: (G,) coordinates of both axes; energy: (G, G) indexed [y, x]. Levels stop at `vmax`
     (default the 90th percentile) so that the low region, where the minima are, gets most colours.
     """
-    relative = energy - np.nanmin(energy)
+    relative = energy - (np.nanmin(energy) if reference is None else reference)
     if vmax is None:
         vmax = float(np.nanpercentile(relative, 90))
     levels = np.linspace(0.0, vmax, 25)
@@ -203,13 +204,14 @@ def landscape_panels(axes: list[Axes], data: dict, vmax: float | None = None):
         vmax = origin_scale(grid, data["exact_energy"])
     contours = None
     for ax, prefix, energy_key in ((axes[0], "", "energy"), (axes[1], "exact_", "exact_energy")):
-        energy = data[energy_key]
-        contours = draw_energy(ax, grid, energy, vmax)
+        # An attractor can lie below every grid node, so the reference includes the attractors.
+        attractor_energy = data[f"{prefix}attractor_energy"]
+        reference = min(np.nanmin(data[energy_key]), np.nanmin(attractor_energy))
+        contours = draw_energy(ax, grid, data[energy_key] - reference, vmax, reference=0.0)
         draw_arrows(ax, data["arrow_grid"], data[f"{prefix}step"])
         draw_unit_circle(ax)
         draw_attractors(ax, data[f"{prefix}attractor_states"], data[f"{prefix}labels"],
-                        data[f"{prefix}representatives"],
-                        data[f"{prefix}attractor_energy"] - np.nanmin(energy), data[f"{prefix}sizes"])
+                        data[f"{prefix}representatives"], attractor_energy - reference, data[f"{prefix}sizes"])
         draw_points(ax, data["points"])
     return contours
 
@@ -226,8 +228,10 @@ def attractor_summary(data: dict, prefix: str = "", match_distance: float = 0.1,
     distances = np.linalg.norm(representatives[:, None, :] - data["points"][None, :, :], axis=-1).min(axis=1)
     states, labels = data[f"{prefix}attractor_states"], data[f"{prefix}labels"]
     rings = sum(angular_coverage(states[labels == index]) > 0.5 for index in major)
+    if rings and len(major) == 1:
+        return "one attractor: a ring around the origin"
     if rings:
-        return f"{len(major)} attractor(s), {rings} of them a ring around the origin"
+        return f"{len(major)} attractors, {rings} of them ring-shaped"
     at_points = int((distances <= match_distance).sum())
     return f"{len(major)} attractors: {at_points} at a point, {len(major) - at_points} between points"
 
@@ -293,17 +297,16 @@ def basin_figure(points: np.ndarray, times: np.ndarray, radii: np.ndarray, scan_
     style_plane(ax, 1.8, f"K = {len(points)}: basin radius (discs) and critical time")
 
     ax = axes[1]
-    shown = recovered_fraction if len(points) <= 20 else None
-    if shown is not None:
-        for index, row in enumerate(shown):
+    if len(points) <= 20:
+        for index, row in enumerate(recovered_fraction):
             ax.plot(scan_times, row, marker="o", markersize=3, linewidth=1, label=f"point {index}")
-        if len(points) <= 10:
-            ax.legend(fontsize=7)
     else:
         mean = np.nanmean(np.where(np.isnan(recovered_fraction), 0.0, recovered_fraction), axis=0)
-        ax.plot(scan_times, mean, marker="o", markersize=3, label="mean over points (failed points count as 0)")
-        ax.legend(fontsize=8)
+        ax.plot(scan_times, mean, marker="o", markersize=3,
+                label="mean over points (0 after a point's first failure)")
     ax.axhline(fraction, color="black", linestyle="--", linewidth=1, label=f"p = {fraction:g}")
+    if len(points) <= 10 or len(points) > 20:
+        ax.legend(fontsize=7)
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("noise time t")

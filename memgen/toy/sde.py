@@ -6,9 +6,9 @@ SDE is dx = -g^2 score(x, t) dt + g dW-bar, integrated from t down to `t_min`.
 
 The prior p_T at T = t_max is either the usual N(0, sigma_T^2 I) or the exact marginal of
 the training points, (1/K) sum_mu N(xi_mu, sigma_T^2 I). With sigma = 1 and T = 1 the
-noise is no larger than the data, so the Gaussian is a rough stand-in: for two points on
-the unit circle its log-density differs from the exact one by up to about 1 nat where the
-samples start.
+noise is no larger than the data, so the Gaussian is a rough stand-in. For the two points
+of seed 3407, its log-density minus the exact one runs from -2.3 to +1.5 nats between the
+1st and 99th percentile of the start points (-1.6 to +0.5 for a thousand points).
 """
 
 import logging
@@ -67,6 +67,9 @@ class VESDE:
         transition. Returns (B, 2).
         """
         t_end = self.t_min if t_end is None else t_end
+        if not t_start > t_end:
+            raise ValueError(f"the reverse SDE runs from t_start = {t_start} down to t_end = {t_end}, "
+                             "so t_start must be the larger")
         num_steps = max(1, round((t_start - t_end) / self.step_size()))
         times = torch.linspace(t_start, t_end, num_steps + 1, dtype=torch.float64)
         x = x_t.clone()
