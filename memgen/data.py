@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from memgen.errors import MemgenError
-from memgen.files import atomic_path, ensure_writable_dir, load_npz
+from memgen.files import atomic_path, cache_root, ensure_writable_dir, load_npz
 
 logger = logging.getLogger(__name__)
 
@@ -372,9 +372,8 @@ def _install_debian_fashion_mnist(raw: Path) -> None:
 
 
 def memgen_cache_dir() -> Path:
-    """Return memgen's data cache, `$XDG_CACHE_HOME/memgen/data` or `~/.cache/memgen/data`."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "memgen" / "data"
+    """Return memgen's data cache, `<cache root>/data` (see memgen.files.cache_root)."""
+    return cache_root() / "data"
 
 
 def fashion_mnist_install_hint() -> str:
@@ -422,6 +421,10 @@ def _find_idx_root(folder_name: str, data_path: Path) -> Path:
         logger.info("using %s from the cache folder '%s'", folder_name, cached_root)
         return cached_root
 
+    misplaced = [folder for folder in (data_path, data_path / folder_name) if not _missing_idx_files(folder)]
+    if misplaced:
+        raise MemgenError(f"{folder_name} not found in the expected layout: the IDX files are in "
+                          f"'{misplaced[0]}' but must be in '{raw}'; move them there")
     raise MemgenError(f"{folder_name} not found: no folder '{raw}' with the four IDX files "
                       f"{', '.join(IDX_FILES)}; {_mnist_install_hint(folder_name, data_path)}, "
                       "or pass --data-path to the folder that contains "
@@ -590,6 +593,9 @@ def _load_npz(path: Path, image_size: int | None, centercrop: bool, train: bool)
     if path.is_dir():
         raise MemgenError(f"--data-name npz expects an .npz file but '{path}' is a folder; "
                           "pass the file, or use --data-name imagefolder for a folder of images")
+    if not path.is_file():
+        raise MemgenError(f"--data-name npz: file not found: '{path}'; pass --data-path to an .npz file "
+                          f"with the images (N, C, H, W) under '{key}'")
     array = load_npz(path, required=[key])[key]
     source = f"array '{key}' of '{path}'"
     images = _array_to_chw(array, source, batched=True)

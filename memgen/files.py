@@ -45,6 +45,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             temporary.unlink()
 
 
+def cache_root() -> Path:
+    """Return memgen's cache root: $MEMGEN_CACHE, else $XDG_CACHE_HOME/memgen, else ~/.cache/memgen."""
+    root = os.environ.get("MEMGEN_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "memgen"
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

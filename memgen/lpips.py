@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from memgen.errors import MemgenError
-from memgen.files import atomic_path
+from memgen.files import atomic_path, cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +112,8 @@ def backbone_for(network: str) -> Backbone:
 
 
 def cache_dir() -> Path:
-    """Return memgen's cache root: $MEMGEN_CACHE, else $XDG_CACHE_HOME/memgen, else ~/.cache/memgen."""
-    root = os.environ.get("MEMGEN_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "memgen"
+    """Return memgen's cache root (see memgen.files.cache_root)."""
+    return cache_root()
 
 
 def build_features(network: str) -> nn.Sequential:
