@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import re
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -81,6 +82,10 @@ _RESAMPLE_NAMES = {"Conv_0": "conv"}
 _PAPER_KEY = re.compile(r"^all_modules\.(\d+)\.(.+)$")
 _GLOBAL_NAME = re.compile(r"GLOBAL ([\w.]+)")
 
+# What the weights-only unpickler raises for bytes that are no valid pickle, besides
+# UnpicklingError: torch.load reads a file that is not a zip archive as a legacy pickle.
+_DAMAGED_PICKLE_ERRORS = (KeyError, IndexError, ValueError, TypeError, struct.error)
+
 
 def read_checkpoint_file(path: str | os.PathLike) -> Any:
     """Load a `torch.save` file without executing code, allowing the paper's option classes.
@@ -96,13 +101,28 @@ def read_checkpoint_file(path: str | os.PathLike) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         match = _GLOBAL_NAME.search(str(error))
-        offending = match.group(1) if match else "an object that is not plain data"
-        raise MemgenError(f"'{path}' was rejected because its pickle refers to {offending}, which is not "
+        if match is None:
+            raise _unreadable(path, "its pickle data are damaged") from None
+        raise MemgenError(f"'{path}' was rejected because its pickle refers to {match.group(1)}, which is not "
                           "a tensor, plain data or one of the paper's option classes; memgen never "
                           "executes code from a checkpoint, so check where this file came from") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
-        raise MemgenError(f"'{path}' is not a readable torch checkpoint ({error}); "
-                          "it may be truncated, so download or copy it again") from error
+    except (RuntimeError, OSError, zipfile.BadZipFile) as error:
+        raise _unreadable(path, _first_sentence(error)) from error
+    except EOFError as error:
+        raise _unreadable(path, "the file ends early") from error
+    except _DAMAGED_PICKLE_ERRORS as error:
+        raise _unreadable(path, "its pickle data are damaged") from error
+
+
+def _unreadable(path: Path, reason: str) -> MemgenError:
+    return MemgenError(f"'{path}' is not a readable torch checkpoint ({reason}); it may be truncated or "
+                       "not a checkpoint at all, so copy or download it again")
+
+
+def _first_sentence(error: Exception) -> str:
+    """Return the first sentence of an exception message (torch adds paragraphs of advice)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.split(". ")[0]
 
 
 def is_paper_checkpoint(checkpoint: Any) -> bool:
@@ -128,6 +148,10 @@ def load_paper_checkpoint(path: str | os.PathLike) -> dict:
     """
     path = Path(path)
     checkpoint = read_checkpoint_file(path)
+    if isinstance(checkpoint, Mapping) and str(checkpoint.get("format", "")).startswith("memgen-"):
+        raise MemgenError(f"'{path}' is not in the format of the paper's released checkpoints but a native "
+                          f"memgen checkpoint (format '{checkpoint['format']}'), which every stage reads "
+                          "directly; pass it without converting it")
     if not is_paper_checkpoint(checkpoint):
         keys = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
         raise MemgenError(f"'{path}' is not in the format of the paper's released checkpoints (it has {keys}, "
