@@ -134,11 +134,29 @@ def build_network(config: dict, state: dict, path: Path) -> nn.Module:
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        first_line = str(error).splitlines()[0]
         raise MemgenError(f"the weights in '{path}' do not fit the architecture in its own "
-                          f"configuration ({first_line}); the file is from another architecture "
-                          "or was edited, so use the checkpoint that matches it") from error
+                          f"configuration ({_describe_mismatch(network.state_dict(), state)}); the file "
+                          "is from another architecture or was edited, so use the checkpoint that "
+                          "matches it") from error
     return network
+
+
+def _describe_mismatch(expected: dict, state: dict) -> str:
+    """Name the first missing, unexpected and differently shaped weight of `state`."""
+    parts = []
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    if missing:
+        parts.append(f"{len(missing)} weights missing (first '{missing[0]}')")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected weights (first '{unexpected[0]}')")
+    for name, tensor in expected.items():
+        found = state.get(name)
+        if torch.is_tensor(found) and found.shape != tensor.shape:
+            parts.append(f"'{name}' has shape {tuple(found.shape)} in the file but {tuple(tensor.shape)} "
+                         "in the architecture")
+            break
+    return ", ".join(parts) or "the state dict does not load"
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True,
