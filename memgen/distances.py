@@ -148,10 +148,14 @@ def validate_samples(samples: np.ndarray, path: Path) -> np.ndarray:
     return np.clip(samples, -1, 1)
 
 
-def load_training_subset(meta: dict, data_path: str | os.PathLike | None) -> torch.Tensor:
-    """Return the training images (K, C, H, W) recorded in a sample file's metadata."""
-    from memgen.data import training_images_from_meta
+def load_training_subset(meta: dict, data_path: str | os.PathLike | None, path: Path) -> torch.Tensor:
+    """Return the training images (K, C, H, W) recorded in the metadata of the sample file `path`."""
+    from memgen.data import TRAINING_META_KEYS, training_images_from_meta
 
+    missing = [key for key in TRAINING_META_KEYS if meta.get(key) is None]
+    if missing:
+        raise MemgenError(f"sample file '{path}' has no {', '.join(missing)} in its metadata, so its training "
+                          "images cannot be rebuilt; pass a sample file written by run_generate.py")
     return training_images_from_meta(meta, data_path)
 
 
@@ -261,7 +265,7 @@ class DistanceStage:
         arrays = load_npz(path, required=["samples"])
         sample_meta = read_meta(arrays, path)
         samples = validate_samples(arrays["samples"], path)
-        train = load_training_subset(sample_meta, options.data_path or None)
+        train = load_training_subset(sample_meta, options.data_path or None, path)
         _check_matching_shapes(samples, train, path, sample_meta)
         self._prepare()
         start, stop = shard_rows(len(samples), options.shard_index, options.num_shards)
