@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -267,8 +268,14 @@ def _read_meta_only(path: Path) -> dict:
     try:
         with np.load(path, allow_pickle=False) as archive:
             meta = {"meta": archive["meta"]} if "meta" in archive.files else {}
-    except (OSError, ValueError, EOFError) as error:
+    except ValueError as error:
+        if "allow_pickle" in str(error):
+            raise MemgenError(f"'{path}' holds a pickled object array, which memgen never loads; rewrite it "
+                              "with plain numeric arrays and a JSON 'meta' string") from error
         raise MemgenError(f"'{path}' is not a readable .npz file ({error}); regenerate it") from error
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise MemgenError(f"'{path}' is not a readable .npz file ({error}); it may be truncated, "
+                          "so regenerate it") from error
     return read_meta(meta, path)
 
 
