@@ -109,6 +109,10 @@ def check_image_batch(images: np.ndarray | torch.Tensor, image_shape: tuple[int,
         if allow_empty:
             return
         raise MemgenError(f"{source} contains no image")
+    finite = torch.isfinite(images).all() if torch.is_tensor(images) else np.isfinite(images).all()
+    if not finite:
+        raise MemgenError(f"{source} contains NaN or infinite values, but memgen images are finite values "
+                          "in [-1, 1]; regenerate or repair the file")
     low, high = float(images.min()), float(images.max())
     if low < -1 - RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
         raise MemgenError(f"{source} has values from {low:.4g} to {high:.4g}; memgen images lie in "
