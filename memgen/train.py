@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from memgen.checkpoint import copy_checkpoint, read_checkpoint, save_checkpoint
 from memgen.config import DataOptions, ModelOptions, TrainOptions, to_plain
 from memgen.errors import MemgenError
-from memgen.files import ensure_writable_dir
+from memgen.files import atomic_path, ensure_writable_dir
 from memgen.runtime import Distributed, init_distributed, setup_logging, shutdown_distributed
 
 logger = logging.getLogger(__name__)
@@ -66,8 +66,18 @@ def batch_indices(step: int, train_size: int, global_batch: int, seed: int) -> t
     return torch.tensor(indices, dtype=torch.int64)
 
 
-def check_speed_options(train: TrainOptions) -> None:
-    """Raise MemgenError for a --precision that is not fp32 or bf16."""
+def check_train_options(train: TrainOptions) -> None:
+    """Raise MemgenError for step counts, intervals, rates or a --precision that no run can use."""
+    for flag, value in (("--global-batch-size", train.global_batch_size), ("--log-every", train.log_every),
+                        ("--ckpt-every", train.ckpt_every)):
+        if value < 1:
+            raise MemgenError(f"{flag} {value} is invalid; use 1 or more")
+    if train.iterations < 0:
+        raise MemgenError(f"--iterations {train.iterations} is invalid; use 0 or more optimiser steps")
+    if not train.lr > 0:
+        raise MemgenError(f"--lr {train.lr} is invalid; use a positive learning rate")
+    if not 0 <= train.ema_decay < 1:
+        raise MemgenError(f"--ema-decay {train.ema_decay} is invalid; use a value in [0, 1)")
     if train.precision not in PRECISIONS:
         raise MemgenError(f"--precision {train.precision!r} is not supported; use one of {', '.join(PRECISIONS)}")
 
@@ -86,10 +96,11 @@ class TrainingImages:
     def __init__(self, data: DataOptions, train: TrainOptions, model: ModelOptions):
         from memgen.data import load_dataset, load_images, subset_indices
 
+        if train.train_size < 1:
+            raise MemgenError(f"--train-size {train.train_size} is invalid; pass the number of training "
+                              "images K, 1 or more (a K above the dataset size uses all images)")
         dataset = load_dataset(data.data_name, data.data_path, image_size=model.image_size,
                                centercrop=train.centercrop)
-        if train.train_size < 1:
-            raise MemgenError(f"--train-size {train.train_size} must be at least 1")
         self.indices = subset_indices(len(dataset), train.train_size, train.global_seed)
         self.dataset = dataset
         first = dataset[0]
@@ -139,11 +150,20 @@ def train(data: DataOptions, train: TrainOptions, model: ModelOptions) -> Path:
     from memgen.diffusion import NoiseSchedule
     from memgen.unet import build_unet
 
-    check_speed_options(train)
+    check_train_options(train)
     results = Path(data.results_path)
     ckpt_dir, sample_dir, log_dir = results / "checkpoints", results / "samples", results / "logs"
     setup_logging(rank=int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))))
     distributed = init_distributed(train.device)
+
+    # The data, K and the batch are checked before any folder or log file is created.
+    images = TrainingImages(data, train, model)
+    global_batch = min(train.global_batch_size, len(images))
+    if global_batch % distributed.world_size != 0:
+        raise MemgenError(f"the global batch {global_batch} does not split evenly over "
+                          f"{distributed.world_size} processes; choose --global-batch-size divisible by it")
+    local_batch = global_batch // distributed.world_size
+
     if distributed.is_main:
         for folder in (ckpt_dir, sample_dir, log_dir):
             ensure_writable_dir(folder)
@@ -151,16 +171,9 @@ def train(data: DataOptions, train: TrainOptions, model: ModelOptions) -> Path:
     logger.info("running as %s", distributed.describe())
     options = {"data": data, "train": train, "model": model}
     plain = to_plain(options)
-    logger.info("training K = %d on %s from '%s' into '%s'", train.train_size, data.data_name,
-                data.data_path, results)
+    logger.info("training K = %d (%d images used) on %s from '%s' into '%s'", train.train_size, len(images),
+                data.data_name, data.data_path, results)
     device = distributed.device
-
-    images = TrainingImages(data, train, model)
-    global_batch = min(train.global_batch_size, len(images))
-    if global_batch % distributed.world_size != 0:
-        raise MemgenError(f"the global batch {global_batch} does not split evenly over "
-                          f"{distributed.world_size} processes; choose --global-batch-size divisible by it")
-    local_batch = global_batch // distributed.world_size
 
     torch.manual_seed(train.global_seed)
     network = build_unet(model).to(device)
@@ -216,8 +229,8 @@ def _train_loop(trained: nn.Module, network: nn.Module, ema: nn.Module, optimize
     device = distributed.device
     results = Path(data.results_path)
     loss_log = results / "logs" / "loss.csv"
-    if distributed.is_main and not loss_log.exists():
-        loss_log.write_text("iteration,loss,steps_per_second\n")
+    if distributed.is_main:
+        _start_loss_log(loss_log, step)
 
     network.train()
     running_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
@@ -265,6 +278,17 @@ def _train_loop(trained: nn.Module, network: nn.Module, ema: nn.Module, optimize
         if step % train.ckpt_every == 0 or step == train.iterations:
             _write_checkpoint(network, ema, optimizer, schedule, options, distributed, step)
     progress.close()
+
+
+def _start_loss_log(path: Path, step: int) -> None:
+    """Create loss.csv, or drop its rows after `step`, which a killed run logged past its last checkpoint."""
+    header = "iteration,loss,steps_per_second\n"
+    lines = path.read_text().splitlines(keepends=True)[1:] if path.exists() else []
+    kept = [line for line in lines if line.split(",")[0].isdigit() and int(line.split(",")[0]) <= step]
+    if path.exists() and len(kept) == len(lines):
+        return
+    with atomic_path(path) as temporary:
+        temporary.write_text(header + "".join(kept))
 
 
 def _mean_over_processes(value: float, distributed: Distributed, device: torch.device) -> float:
