@@ -370,19 +370,21 @@ def run_critical_times(options: CriticalTimesOptions) -> list[Path]:
     Afterwards `critical_times.png` is redrawn from every result in the folder. Returns the
     result files written in this call.
     """
-    from memgen.pairing import pair_by_k
+    from memgen.pairing import first_rows, pair_by_k
     from memgen.runtime import pick_device, setup_logging
 
-    result_path = ensure_writable_dir(options.result_path)
-    setup_logging(result_path / "critical_times.log")
+    setup_logging()
     if not options.ckpt_path:
         raise MemgenError("--ckpt-path is required: a folder of <K>.pt checkpoints or one such file")
     if options.metric not in METRICS:
         raise MemgenError(f"--metric {options.metric!r} is not supported; use one of {', '.join(METRICS)}")
     check_search_options(options.p_trials, options.stride, options.ddim_steps, options.delta, options.eta,
                          options.p, options.search, options.batch_size)
-
+    first_rows(1, options.sample_size)  # checks --sample-size
     pairs = pair_by_k(options.ckpt_path, options.sample_path, options.start_idx, options.final_idx)
+
+    result_path = ensure_writable_dir(options.result_path)
+    setup_logging(result_path / "critical_times.log")
     logger.info("critical times for K = %s (%s search, metric %s, delta %g, stride %d, %d trials)",
                 ", ".join(str(pair.k) for pair in pairs), options.search, options.metric, options.delta,
                 options.stride, options.p_trials)
