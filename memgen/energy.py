@@ -201,6 +201,8 @@ def load_reference_images(path: str | Path, image_shape: tuple[int, ...] | None 
 
 def check_energy_options(options: EnergyOptions) -> None:
     """Raise MemgenError for missing paths and settings outside their valid ranges."""
+    from memgen.pairing import first_rows
+
     if not options.ref_path:
         raise MemgenError("--ref-path is required: an .npz of reference images under 'samples' or 'images'")
     if not options.ckpt_path:
@@ -210,6 +212,7 @@ def check_energy_options(options: EnergyOptions) -> None:
                           "must be at least 1")
     if options.time < 0:
         raise MemgenError(f"--time {options.time} is invalid; use a step from 0 to T - 1")
+    first_rows(1, options.sample_size)  # checks --sample-size
     quadrature_weights(options.quadrature, options.num_points)
 
 
@@ -222,11 +225,13 @@ def run_energy(options: EnergyOptions) -> list[Path]:
     from memgen.pairing import pair_by_k
     from memgen.runtime import pick_device, setup_logging
 
-    result_path = ensure_writable_dir(options.result_path)
-    setup_logging(result_path / "energy.log")
+    setup_logging()
     check_energy_options(options)
     references, reference_key = load_reference_images(options.ref_path)
     pairs = pair_by_k(options.ckpt_path, options.sample_path, options.start_idx, options.final_idx)
+
+    result_path = ensure_writable_dir(options.result_path)
+    setup_logging(result_path / "energy.log")
     logger.info("relative energy for K = %s against %d references of '%s' (t = %d, %d %s nodes)",
                 ", ".join(str(pair.k) for pair in pairs), len(references), options.ref_path, options.time,
                 options.num_points, options.quadrature)
