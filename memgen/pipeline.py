@@ -97,11 +97,42 @@ class StageTimer:
         return result
 
 
-def _check_options(options: PipelineOptions) -> None:
+def _check_options(options: PipelineOptions, train: TrainOptions) -> None:
+    """Raise MemgenError for settings of any stage that would fail, before the first model is trained."""
+    from memgen.distances import METRICS
+    from memgen.lpips import BACKBONES
+    from memgen.sampling import SAMPLERS
+    from memgen.train import check_train_options
+
     if not options.train_sizes or any(k < 1 for k in options.train_sizes):
         raise MemgenError(f"--train-sizes {list(options.train_sizes)} is invalid; give one or more K >= 1")
     if len(set(options.train_sizes)) != len(options.train_sizes):
         raise MemgenError(f"--train-sizes {list(options.train_sizes)} repeats a K; give each K once")
+    check_train_options(train)
+    if options.metric not in METRICS:
+        raise MemgenError(f"--metric {options.metric!r} is invalid; use one of {', '.join(METRICS)}")
+    if options.metric == "lpips" and options.network not in BACKBONES:
+        raise MemgenError(f"--network {options.network!r} is invalid; use one of {', '.join(BACKBONES)}")
+    if options.sampler not in SAMPLERS:
+        raise MemgenError(f"--sampler {options.sampler!r} is invalid; use one of {', '.join(SAMPLERS)}")
+    if options.sampler == "ddim" and not 1 <= options.sampler_steps <= train.timesteps:
+        raise MemgenError(f"--sampler-steps {options.sampler_steps} is invalid; use 1 to --timesteps "
+                          f"{train.timesteps}")
+    counts = {"--num-samples": options.num_samples, "--sample-batch-size": options.sample_batch_size,
+              "--k": options.k, "--critical-sample-size": options.critical_sample_size,
+              "--critical-p-trials": options.critical_p_trials, "--critical-stride": options.critical_stride,
+              "--critical-ddim-steps": options.critical_ddim_steps,
+              "--energy-sample-size": options.energy_sample_size, "--energy-references": options.energy_references}
+    for flag, value in counts.items():
+        if value < 1:
+            raise MemgenError(f"{flag} {value} is invalid; use 1 or more")
+    if options.energy_num_points < 2:
+        raise MemgenError(f"--energy-num-points {options.energy_num_points} is invalid; use 2 or more")
+    distances = {"--delta-m": options.delta_m, "--delta-s": options.delta_s,
+                 "--critical-delta": options.critical_delta}
+    for flag, value in distances.items():
+        if not value >= 0:
+            raise MemgenError(f"{flag} {value} is invalid; pass a non-negative distance")
 
 
 def train_models(data: DataOptions, train: TrainOptions, model: ModelOptions, options: PipelineOptions,
@@ -169,7 +200,7 @@ def run(data: DataOptions, train: TrainOptions, model: ModelOptions, options: Pi
     from memgen.energy import EnergyOptions, run_energy
     from memgen.report import write_report
 
-    _check_options(options)
+    _check_options(options, train)
     result = ensure_writable_dir(options.result_path)
     setup_logging(result / "pipeline.log")
     device_name = train.device
