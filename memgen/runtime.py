@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from memgen.errors import MemgenError
+from memgen.files import ensure_writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def setup_logging(log_file: str | os.PathLike | None = None, rank: int = 0) -> N
     console.memgen_handler = True
     root.addHandler(console)
     if log_file is not None and rank == 0:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(Path(log_file).parent)
         file_handler = logging.FileHandler(log_file)
         file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
         file_handler.memgen_handler = True
