@@ -2,35 +2,35 @@
 
 Every function takes plain numpy arrays, draws one figure and writes it atomically as PNG.
 Energies are drawn relative to their minimum on the grid, because only differences matter.
+Figures are built with matplotlib's object API (no pyplot), so importing this module does
+not change the caller's matplotlib backend.
 """
 
 import logging
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Circle
+from matplotlib.ticker import NullFormatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
-
-from memgen.files import atomic_path  # noqa: E402
+from memgen.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
 ENERGY_CMAP = "viridis"
 POINT_STYLE = dict(marker="*", s=180, color="#e8372c", edgecolor="black", linewidth=0.6, zorder=5)
-ATTRACTOR_COLORS = plt.get_cmap("tab10")
+ATTRACTOR_COLORS = matplotlib.colormaps["tab10"]
 
 
-def save_figure(figure: plt.Figure, path: str | Path) -> Path:
-    """Write `figure` to `path` (PNG) atomically and close it."""
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Write `figure` to `path` (PNG) atomically."""
     path = Path(path)
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
     logger.info("wrote '%s'", path)
     return path
 
@@ -42,7 +42,7 @@ def draw_unit_circle(ax: Axes, **style) -> None:
 
 
 def draw_points(ax: Axes, points: np.ndarray, label: str | None = "training points") -> None:
-    """Training points as red stars; many points become small dots so the ring stays visible."""
+    """Draw training points as red stars, or as small dots when there are many, so a ring stays visible."""
     if len(points) > 50:
         ax.scatter(points[:, 0], points[:, 1], s=2, color=POINT_STYLE["color"], zorder=2, label=label)
     else:
@@ -90,7 +90,8 @@ def draw_arrows(ax: Axes, grid: np.ndarray, step: np.ndarray) -> None:
 def data_figure(points_by_k: dict[int, np.ndarray], seed: int, path: Path) -> Path:
     """Draw one panel per K with the training points on the unit circle."""
     ks = sorted(points_by_k)
-    figure, axes = plt.subplots(1, len(ks), figsize=(3.2 * len(ks), 3.4), squeeze=False)
+    figure = Figure(figsize=(3.2 * len(ks), 3.4))
+    axes = figure.subplots(1, len(ks), squeeze=False)
     for ax, k in zip(axes[0], ks):
         draw_unit_circle(ax)
         draw_points(ax, points_by_k[k])
@@ -103,8 +104,9 @@ def data_figure(points_by_k: dict[int, np.ndarray], seed: int, path: Path) -> Pa
 def exact_figure(grid: np.ndarray, finite_energy: np.ndarray, finite_step: np.ndarray,
                  circle_energy: np.ndarray, circle_step: np.ndarray, arrow_grid: np.ndarray,
                  points: np.ndarray, beta: float, t: float, std: float, ring: float, path: Path) -> Path:
-    """Exact energy of K points next to the dense-circle limit, with retrieval-step arrows."""
-    figure, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
+    """Draw the exact energy of K points next to the dense-circle limit, with retrieval-step arrows."""
+    figure = Figure(figsize=(11, 5), layout="constrained")
+    axes = figure.subplots(1, 2)
     limit = float(grid[-1])
     vmax = float(np.nanpercentile(circle_energy - circle_energy.min(), 90))
 
@@ -135,8 +137,9 @@ def exact_figure(grid: np.ndarray, finite_energy: np.ndarray, finite_step: np.nd
 
 
 def loss_figure(losses: np.ndarray, k: int, path: Path) -> Path:
-    """Training loss per iteration with a moving average, log scale."""
-    figure, ax = plt.subplots(figsize=(7, 4))
+    """Draw the training loss per iteration and its moving average on a log scale."""
+    figure = Figure(figsize=(7, 4))
+    ax = figure.subplots()
     iterations = np.arange(1, len(losses) + 1)
     ax.plot(iterations, losses, color="0.75", linewidth=0.5, label="per iteration")
     window = min(200, max(1, len(losses) // 10))
@@ -154,8 +157,9 @@ def loss_figure(losses: np.ndarray, k: int, path: Path) -> Path:
 
 
 def samples_figure(samples: np.ndarray, points: np.ndarray, iteration: int, path: Path) -> Path:
-    """Generated samples next to the training points."""
-    figure, ax = plt.subplots(figsize=(5, 5))
+    """Draw generated samples next to the training points."""
+    figure = Figure(figsize=(5, 5))
+    ax = figure.subplots()
     draw_unit_circle(ax)
     ax.scatter(samples[:, 0], samples[:, 1], s=4, alpha=0.4, color="#1f77b4", label="samples", zorder=3)
     draw_points(ax, points)
@@ -167,7 +171,7 @@ def samples_figure(samples: np.ndarray, points: np.ndarray, iteration: int, path
 def draw_attractors(ax: Axes, states: np.ndarray, labels: np.ndarray, representatives: np.ndarray,
                     energies: np.ndarray, sizes: np.ndarray, min_share: float = 0.01,
                     max_labels: int = 12) -> None:
-    """Retrieved states coloured by attractor, with the energy of the largest attractors written."""
+    """Draw retrieved states coloured by attractor, and circle and label the largest attractors."""
     colors = [ATTRACTOR_COLORS(label % 10) for label in labels]
     ax.scatter(states[:, 0], states[:, 1], s=10, c=colors, edgecolor="black", linewidth=0.2, zorder=4)
     labelled = np.flatnonzero(sizes >= min_share * sizes.sum())[:max_labels]
@@ -183,10 +187,10 @@ def draw_attractors(ax: Axes, states: np.ndarray, labels: np.ndarray, representa
 
 
 def origin_scale(grid: np.ndarray, energy: np.ndarray) -> float:
-    """1.25 times the energy at the origin above the minimum: the top of the colour scale.
+    """Return 1.25 times the energy at the origin above the minimum, the top of the colour scale.
 
-    The origin is equally far from every point on the unit circle, so its energy is the
-    barrier that separates the points from one another in every regime.
+    The origin is equally far from every point on the unit circle, so its energy sets a
+    scale that suits every regime.
     """
     center = int(np.argmin(np.abs(grid)))
     relative = energy - np.nanmin(energy)
@@ -244,8 +248,9 @@ def angular_coverage(states: np.ndarray, num_bins: int = 36) -> float:
 
 
 def landscape_figure(data: dict, path: Path) -> Path:
-    """Learned energy next to the exact energy of the same points at the landscape's time t."""
-    figure, axes = plt.subplots(1, 2, figsize=(11, 5.4), layout="constrained")
+    """Draw the learned energy next to the exact energy of the same points at the landscape's time t."""
+    figure = Figure(figsize=(11, 5.4), layout="constrained")
+    axes = figure.subplots(1, 2)
     contours = landscape_panels(list(axes), data)
     k = len(data["points"])
     limit = float(data["grid"][-1])
@@ -264,7 +269,8 @@ def summary_figure(results: dict[int, dict], path: Path) -> Path:
     """Draw the regimes side by side: learned (top) and exact (bottom) energy for each K at one t."""
     ks = sorted(results)
     t, beta = float(results[ks[0]]["t"]), float(results[ks[0]]["beta"])
-    figure, axes = plt.subplots(2, len(ks), figsize=(4.8 * len(ks) + 1, 9.6), squeeze=False, layout="constrained")
+    figure = Figure(figsize=(4.8 * len(ks) + 1, 9.6), layout="constrained")
+    axes = figure.subplots(2, len(ks), squeeze=False)
     contours = None
     for column, k in enumerate(ks):
         data = results[k]
@@ -281,16 +287,17 @@ def summary_figure(results: dict[int, dict], path: Path) -> Path:
 
 def basin_figure(points: np.ndarray, times: np.ndarray, radii: np.ndarray, scan_times: np.ndarray,
                  recovered_fraction: np.ndarray, fraction: float, delta: float, path: Path) -> Path:
-    """Basin radius around each training point, and the recovered fraction against noise time."""
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    """Draw the basin radius around each training point and the recovered fraction against noise time."""
+    figure = Figure(figsize=(11, 4.8))
+    axes = figure.subplots(1, 2)
     ax = axes[0]
     draw_unit_circle(ax)
     positive = times[times > 0]
     norm = Normalize(vmin=positive.min() if len(positive) else scan_times[0], vmax=max(times.max(), scan_times[0]))
-    colormap = plt.get_cmap("plasma")
+    colormap = matplotlib.colormaps["plasma"]
     for point, radius, time_value in zip(points, radii, times):
         if radius > 0:
-            ax.add_patch(plt.Circle(point, radius, color=colormap(norm(time_value)), alpha=0.25, zorder=2))
+            ax.add_patch(Circle(point, radius, color=colormap(norm(time_value)), alpha=0.25, zorder=2))
     scatter = ax.scatter(points[:, 0], points[:, 1], c=times, cmap=colormap, norm=norm, s=60 if len(points) < 50 else 6,
                          marker="*" if len(points) < 50 else "o", edgecolor="black", linewidth=0.4, zorder=5)
     figure.colorbar(scatter, ax=ax, label="critical time $t_c$")
