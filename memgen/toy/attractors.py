@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def retrieve(score: ScoreFunction, x: torch.Tensor, t: float, sde: VESDE, num_iterations: int = 200,
+def retrieve(score: ScoreFunction, x: torch.Tensor, t: float, sde: VESDE, num_iterations: int = 30,
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Iterate x <- x + sigma_t^2 s(x, t) `num_iterations` times from x (N, 2).
 
