@@ -161,7 +161,11 @@ def load_yaml_sections(path: str | Path, sections: dict[str, type]) -> dict[str,
     try:
         content = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise MemgenError(f"'{path}' is not valid YAML: {error}") from error
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise MemgenError(f"'{path}' is not valid YAML{where}: {problem}; fix the file or pass another "
+                          "--config_path") from error
     if not isinstance(content, dict):
         raise MemgenError(f"'{path}' must hold a mapping of sections ({', '.join(sections)})")
     if len(sections) == 1 and not set(content) & set(sections):
