@@ -596,7 +596,11 @@ def _load_npz(path: Path, image_size: int | None, centercrop: bool, train: bool)
     if not path.is_file():
         raise MemgenError(f"--data-name npz: file not found: '{path}'; pass --data-path to an .npz file "
                           f"with the images (N, C, H, W) under '{key}'")
-    array = load_npz(path, required=[key])[key]
+    arrays = load_npz(path)
+    if key not in arrays:
+        raise MemgenError(f"--data-name npz: '{path}' has no array '{key}' (it has {sorted(arrays)}); store "
+                          "the images (N, C, H, W) under 'images', and test images under 'test_images'")
+    array = arrays[key]
     source = f"array '{key}' of '{path}'"
     images = _array_to_chw(array, source, batched=True)
     _check_pixel_values(images, source)
