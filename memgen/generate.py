@@ -230,6 +230,10 @@ def generate_samples(options: GenerateOptions, distributed: Distributed) -> Path
     distributed.barrier()
     if exists and not options.overwrite:
         logger.info("keeping existing '%s'; pass --overwrite to draw it again", final_path)
+        grid_path = result_dir / f"{k}.png"
+        if distributed.is_main and not grid_path.exists():
+            # A run killed between writing <K>.npz and its grid left no grid.
+            save_image_grid(load_npz(final_path, required=["samples"])["samples"][:GRID_SIZE], grid_path)
         return final_path
     if distributed.is_main:
         ensure_writable_dir(result_dir)
