@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from memgen import __version__
 from memgen.errors import MemgenError
-from memgen.files import ensure_writable_dir, load_npz, save_npz, skip_existing
+from memgen.files import ensure_writable_dir, load_npz, read_meta, save_npz, skip_existing
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +241,7 @@ def run_energy(options: EnergyOptions) -> list[Path]:
     for pair in tqdm(pairs, desc="K", unit="K"):
         output = result_path / f"{pair.k}.npz"
         if skip_existing(output, options.overwrite):
+            redraw_missing_figure(output, pair.k)
             continue
         process_pair(pair, options, references, reference_key, output, device)
         written.append(output)
@@ -290,6 +291,17 @@ def process_pair(pair, options: EnergyOptions, references: torch.Tensor, referen
     logger.info("K = %d: %d references x %d samples, median relative energy %.4g, %d network evaluations, "
                 "%.1f s; wrote '%s'", pair.k, len(references), len(probe_set.images), median,
                 result.evaluations, time.perf_counter() - started, output)
+
+
+def redraw_missing_figure(output: Path, k: int) -> None:
+    """Draw energy_<K>.png from a kept `<K>.npz` when a killed run wrote the file but not its figure."""
+    figure = output.parent / f"energy_{k}.png"
+    if figure.exists():
+        return
+    arrays = load_npz(output, required=["potential"])
+    if arrays["potential"].size:
+        plot_energy(arrays["potential"], figure, k, read_meta(arrays, output))
+        logger.info("wrote the missing figure '%s'", figure)
 
 
 def plot_energy(potential: np.ndarray, path: str | Path, k: int, source: dict) -> Path:
