@@ -196,6 +196,12 @@ def train(data: DataOptions, train: TrainOptions, model: ModelOptions) -> Path:
         optimizer.load_state_dict(state["opt"])
         step = int(state["iteration"])
         logger.info("resumed from '%s' at iteration %d", resume_path, step)
+        grid_path = sample_dir / f"{step}.png"
+        if distributed.is_main and train.grid_samples > 0 and not grid_path.exists():
+            # A run killed between writing a checkpoint and its sample grid left no grid.
+            rng_state = torch.get_rng_state()
+            _sample_grid(ema, schedule, train, model, device, grid_path)
+            torch.set_rng_state(rng_state)
 
     trained = DistributedDataParallel(network) if distributed.enabled else network
     if train.compile:
