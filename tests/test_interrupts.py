@@ -23,6 +23,7 @@ from PIL import Image
 
 from memgen.config import DataOptions, ModelOptions, TrainOptions
 from memgen.distances import DistanceOptions, compute_distances
+from memgen.energy import EnergyOptions, run_energy
 from memgen.files import load_npz, read_meta
 from memgen.generate import GenerateOptions, generate
 from memgen.ideal import IdealCheckpointOptions, write_ideal_checkpoints
@@ -208,12 +209,19 @@ def test_killed_training_resumes_exactly(dataset, tmp_path):
     train(**training_options(dataset, reference))
 
     results = tmp_path / "killed"
-    watcher = kill_while_writing("train_unet.py", training_flags(dataset, results), results, "6.pt", tmp_path)
+    flags = training_flags(dataset, results)
+    watcher = kill_while_writing("train_unet.py", flags, results, "6.pt", tmp_path)
     checkpoints = results / "checkpoints"
     assert watcher.partial == []
     assert (checkpoints / "3.pt").is_file()
     assert not (checkpoints / "6.pt").exists()
     assert len(list(checkpoints.glob(".6.pt.*.tmp"))) == 1
+
+    # The second run resumes at 3 and is killed after writing 9.pt, before its sample grid.
+    watcher = kill_while_writing("train_unet.py", flags, results, "9.png", tmp_path)
+    assert watcher.partial == []
+    assert (checkpoints / "9.pt").is_file()
+    assert not (results / "samples" / "9.png").exists()
 
     train(**training_options(dataset, results))
 
@@ -262,6 +270,12 @@ def test_killed_generation_resumes_exactly(ideal_checkpoints, tmp_path):
     assert parts == ["batch-00000000-00000002.npz", "batch-00000002-00000004.npz"]
     assert not (result / "4.npz").exists()
 
+    # The second run draws the missing batches and is killed after writing 4.npz, before its grid.
+    watcher = kill_while_writing("run_generate.py", flags, result, "4.png", tmp_path)
+    assert watcher.partial == []
+    assert (result / "4.npz").is_file()
+    assert not (result / "4.png").exists()
+
     generate(generate_options(checkpoint, result))
 
     assert_same_arrays(result / "4.npz", reference / "4.npz")
@@ -292,3 +306,21 @@ def test_killed_distances_resume_exactly(dataset, ideal_checkpoints, tmp_path):
 
     for k in (2, 4, 6, 8):
         assert_same_arrays(result / f"{k}.npz", reference / f"{k}.npz")
+
+
+# --- relative energy ---------------------------------------------------------------------------
+
+
+def test_energy_rerun_draws_missing_figure(dataset, ideal_checkpoints, tmp_path):
+    """A run killed between `<K>.npz` and `energy_<K>.png` gets its figure from the rerun."""
+    references = tmp_path / "references.npz"
+    np.savez(references, images=np.load(dataset)["images"][:2])
+    options = EnergyOptions(ref_path=str(references), ckpt_path=str(ideal_checkpoints / "4.pt"),
+                            result_path=str(tmp_path / "energy"), sample_size=2, num_points=3, device="cpu")
+    run_energy(options)
+    figure = tmp_path / "energy" / "energy_4.png"
+    expected = figure.read_bytes()
+    figure.unlink()
+
+    assert run_energy(options) == []
+    assert figure.read_bytes() == expected
