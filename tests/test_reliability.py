@@ -534,7 +534,7 @@ CASES = {
     "result-below-file-toy": Case("toy_example.py", ("data", "--ks", "2", "--out", "{ws}/afile/sub"),
                                   ("cannot create the result folder '{ws}/afile/sub'",)),
 
-    # LPIPS weights that are not where the user said.
+    # LPIPS weights missing from the given path.
     "lpips-weights-missing": Case("run_distances.py", ("--synth-path", "{ws}/samples", *DISTANCES, "--metric",
                                                        "lpips", "--lpips-weights", "{ws}/absent.pth"),
                                   ("--lpips-weights '{ws}/absent.pth' not found", "pass a torchvision alexnet")),
