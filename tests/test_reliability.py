@@ -70,7 +70,6 @@ PIPELINE = ("--data-name", "npz", "--data-path", "{ws}/data.npz", "--result-path
 
 def build_workspace(root: Path) -> Path:
     """Write every input a stage reads, made by the stages themselves, into `root`."""
-    torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     np.savez(root / "data.npz", images=rng.uniform(-1, 1, size=(DATASET_SIZE, 1, 8, 8)).astype(np.float32))
     write_ideal_checkpoints(IdealCheckpointOptions(train_sizes=TRAIN_SIZES, result_path=str(root / "ckpt"),
@@ -99,7 +98,12 @@ def build_workspace(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    return build_workspace(tmp_path_factory.mktemp("template"))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_workspace(tmp_path_factory.mktemp("template"))
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.fixture
