@@ -343,6 +343,8 @@ CASES = {
                           ("unrecognized arguments: --train-sise 4",)),
     "flag-wrong-type": Case("run_generate.py", ("--ckpt-path", "{ws}/ckpt/4.pt", *GENERATE, "--num-samples", "ten"),
                             ("--num-samples", "invalid int value: 'ten'")),
+    "fetch-repo-missing": Case("fetch_released_checkpoints.py", ("--result-path", "{ws}/released"),
+                               ("--repo-id is missing", "pass the hub repository")),
     "train-log-every-zero": Case("train_unet.py", (*TRAIN, "--log-every", "0"),
                                  ("--log-every 0 is invalid", "use 1 or more")),
     "train-precision-unknown": Case("train_unet.py", (*TRAIN, "--precision", "fp8"),
@@ -553,7 +555,7 @@ CASES = {name: dataclasses.replace(case, started=name in STARTED_CASES) for name
 # Cases that also run as real subprocesses in the fast suite: at least one per script.
 SUBPROCESS_CASES = ("data-folder-missing", "checkpoint-truncated", "samples-nan", "distances-other-k",
                     "probe-samples-nan", "energy-references-out-of-range", "toy-k-zero", "pipeline-metric-unknown",
-                    "ideal-train-size-above-dataset", "convert-native-checkpoint")
+                    "ideal-train-size-above-dataset", "convert-native-checkpoint", "fetch-repo-missing")
 
 
 # --- running a script ----------------------------------------------------------------------
