@@ -43,7 +43,7 @@ class BasinSettings:
     ideal_train_sizes: tuple[int, ...]
 
 
-SETTINGS = {False: BasinSettings(sample_size=16, p_trials=10, repeats=3, ideal_train_sizes=(16, 1024)),
+SETTINGS = {False: BasinSettings(sample_size=8, p_trials=10, repeats=3, ideal_train_sizes=(16, 1024)),
             True: BasinSettings(sample_size=4, p_trials=4, repeats=2, ideal_train_sizes=(16, 1024))}
 
 
