@@ -59,6 +59,23 @@ LSUN_CHURCH_SPLITS = {True: "church_outdoor_train", False: "church_outdoor_val"}
 # --- pixel conversion and resizing -------------------------------------------------------
 
 
+# Pixel values this far outside [-1, 1] are accepted as rounding error and clipped.
+RANGE_TOLERANCE = 1e-3
+
+
+def check_image_values(images: np.ndarray | torch.Tensor, source: str) -> None:
+    """Raise MemgenError unless every pixel of `images` is finite and within [-1, 1] (up to RANGE_TOLERANCE)."""
+    finite = torch.isfinite(images) if torch.is_tensor(images) else np.isfinite(images)
+    bad = int((~finite).sum())
+    if bad:
+        raise MemgenError(f"{source} has {bad} NaN or infinite pixel values; memgen images are finite values "
+                          "in [-1, 1], so regenerate or repair the file")
+    low, high = float(images.min()), float(images.max())
+    if low < -1 - RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+        raise MemgenError(f"{source} has pixel values from {low:.4g} to {high:.4g}, outside [-1, 1]; rescale "
+                          "them (x / 127.5 - 1 for uint8 pixels, 2 x - 1 for values in [0, 1])")
+
+
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """Map uint8 pixels in [0, 255] to float32 in [-1, 1] by x / 127.5 - 1. Float input passes unchanged."""
     if images.dtype == torch.uint8:

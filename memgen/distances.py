@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from memgen import __version__
+from memgen.data import check_image_values
 from memgen.errors import MemgenError
 from memgen.files import (ensure_writable_dir, load_npz, read_meta, resolve_k_path, save_npz, select_slice,
                           skip_existing)
@@ -48,7 +49,6 @@ DISTANCE_KEYS = ("data-dists", "data-indices", "synth-dists", "synth-indices")
 
 # Samples may overshoot [-1, 1] by this much (float rounding of a sampler's last step);
 # they are clipped to [-1, 1] before the distances.
-RANGE_TOLERANCE = 1e-3
 
 # Metadata keys of a shard that differ between the shards of one file.
 SHARD_KEYS = ("shard_index", "num_shards", "row_start", "row_stop")
@@ -137,14 +137,7 @@ def validate_samples(samples: np.ndarray, path: Path) -> np.ndarray:
     if not np.issubdtype(samples.dtype, np.floating):
         raise MemgenError(f"'{path}': 'samples' has dtype {samples.dtype}, expected float images in [-1, 1]")
     samples = samples.astype(np.float32, copy=False)
-    bad = int(np.count_nonzero(~np.isfinite(samples)))
-    if bad:
-        raise MemgenError(f"'{path}' has {bad} NaN or infinite pixel values; the sampler diverged, "
-                          "so regenerate these samples")
-    low, high = float(samples.min()), float(samples.max())
-    if low < -1 - RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
-        raise MemgenError(f"'{path}' has pixel values in [{low:.4g}, {high:.4g}], outside [-1, 1]; "
-                          "convert images in [0, 1] or [0, 255] to [-1, 1] first")
+    check_image_values(samples, f"'{path}'")
     return np.clip(samples, -1, 1)
 
 

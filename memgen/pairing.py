@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memgen.data import check_image_values
 from memgen.errors import MemgenError
 from memgen.files import load_npz, read_meta, resolve_k_path, select_slice
 
@@ -33,7 +34,6 @@ logger = logging.getLogger(__name__)
 MATCHING_DATA_KEYS = ("data_name", "seed", "image_size", "in_channels", "centercrop")
 
 # Pixel values may overshoot [-1, 1] by this much (float rounding) before a file is rejected.
-RANGE_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -109,14 +109,7 @@ def check_image_batch(images: np.ndarray | torch.Tensor, image_shape: tuple[int,
         if allow_empty:
             return
         raise MemgenError(f"{source} contains no image")
-    finite = torch.isfinite(images).all() if torch.is_tensor(images) else np.isfinite(images).all()
-    if not finite:
-        raise MemgenError(f"{source} contains NaN or infinite values, but memgen images are finite values "
-                          "in [-1, 1]; regenerate or repair the file")
-    low, high = float(images.min()), float(images.max())
-    if low < -1 - RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
-        raise MemgenError(f"{source} has values from {low:.4g} to {high:.4g}; memgen images lie in "
-                          "[-1, 1], so rescale them (x / 127.5 - 1 for uint8 pixels)")
+    check_image_values(images, source)
 
 
 def check_pair_meta(pair: KPair, file_meta: dict, model_meta: dict, model_k: int) -> None:

@@ -98,12 +98,7 @@ def build_workspace(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return build_workspace(tmp_path_factory.mktemp("template"))
-    finally:
-        torch.set_num_threads(previous)
+    return build_workspace(tmp_path_factory.mktemp("template"))
 
 
 @pytest.fixture
@@ -410,7 +405,7 @@ CASES = {
                         ("'{ws}/bad/4.npz' has 1 NaN or infinite pixel values", "regenerate"),
                         edit_samples(with_samples(with_nan))),
     "samples-out-of-range": Case("run_distances.py", ("--synth-path", "{ws}/bad", *DISTANCES),
-                                 ("pixel values in [", "outside [-1, 1]", "convert images"),
+                                 ("pixel values from", "outside [-1, 1]", "rescale them"),
                                  edit_samples(with_samples(lambda samples: (samples + 1) * 127.5))),
     "samples-meta-missing": Case("run_distances.py", ("--synth-path", "{ws}/bad", *DISTANCES),
                                  ("sample file '{ws}/bad/4.npz' has no data_name, train_size, seed",
@@ -421,7 +416,7 @@ CASES = {
                               truncate("samples/4.npz", "bad/4.npz")),
     "probe-samples-nan": Case("run_critical_times.py", ("--ckpt-path", "{ws}/ckpt/4.pt", "--sample-path",
                                                         "{ws}/bad/4.npz", *CRITICAL),
-                              ("'{ws}/bad/4.npz' (samples) contains NaN", "regenerate or repair"),
+                              ("'{ws}/bad/4.npz' (samples) has 1 NaN", "regenerate or repair"),
                               edit_samples(with_samples(with_nan))),
     "probe-samples-wrong-channels": Case("run_critical_times.py", ("--ckpt-path", "{ws}/ckpt/4.pt", "--sample-path",
                                                                    "{ws}/bad/4.npz", *CRITICAL),
@@ -429,15 +424,15 @@ CASES = {
                                          edit_samples(with_samples(lambda samples: np.repeat(samples, 3, axis=1)))),
     "energy-samples-nan": Case("run_energy.py", ("--ref-path", "{ws}/refs.npz", "--ckpt-path", "{ws}/ckpt/4.pt",
                                                  "--sample-path", "{ws}/bad/4.npz", *ENERGY),
-                               ("'{ws}/bad/4.npz' (samples) contains NaN",), edit_samples(with_samples(with_nan))),
+                               ("'{ws}/bad/4.npz' (samples) has 1 NaN",), edit_samples(with_samples(with_nan))),
     "energy-references-nan": Case("run_energy.py", ("--ref-path", "{ws}/bad/refs.npz", "--ckpt-path", "{ws}/ckpt",
                                                     *ENERGY),
-                                  ("--ref-path '{ws}/bad/refs.npz' (images) contains NaN",),
+                                  ("--ref-path '{ws}/bad/refs.npz' (images) has", "NaN or infinite pixel values"),
                                   edit_samples(lambda arrays: {"images": with_nan(arrays["images"])},
                                                target="bad/refs.npz", source="refs.npz")),
     "energy-references-out-of-range": Case("run_energy.py", ("--ref-path", "{ws}/bad/refs.npz", "--ckpt-path",
                                                              "{ws}/ckpt", *ENERGY),
-                                           ("(images) has values from", "rescale them"),
+                                           ("(images) has pixel values from", "rescale them"),
                                            edit_samples(lambda arrays: {"images": arrays["images"] * 3},
                                                         target="bad/refs.npz", source="refs.npz")),
     "energy-references-wrong-size": Case("run_energy.py", ("--ref-path", "{ws}/bad/refs.npz", "--ckpt-path",
