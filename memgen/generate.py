@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from memgen import __version__
 from memgen.config import PAPER_SEED
 from memgen.errors import MemgenError
-from memgen.files import ensure_writable_dir, load_npz, read_meta, save_npz
+from memgen.files import ensure_writable_dir, load_npz, save_npz
 from memgen.runtime import Distributed, init_distributed, setup_logging, shutdown_distributed
 
 logger = logging.getLogger(__name__)

@@ -8,9 +8,7 @@ script, and each skips the work whose results exist, so a rerun resumes.
 """
 
 import dataclasses
-import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ import numpy as np
 
 from memgen.config import DataOptions, ModelOptions, TrainOptions
 from memgen.errors import MemgenError
-from memgen.files import ensure_writable_dir, load_npz, read_meta, save_npz
+from memgen.files import ensure_writable_dir, load_npz, save_npz
 from memgen.runtime import pick_device, setup_logging
 
 logger = logging.getLogger(__name__)

@@ -231,7 +231,7 @@ def _train_loop(trained: nn.Module, network: nn.Module, ema: nn.Module, optimize
     """Run optimiser steps from `step` to the last iteration, logging and checkpointing on the way."""
     from tqdm import tqdm
 
-    train, model, data = options["train"], options["model"], options["data"]
+    train, data = options["train"], options["data"]
     device = distributed.device
     results = Path(data.results_path)
     loss_log = results / "logs" / "loss.csv"

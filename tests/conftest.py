@@ -1,5 +1,11 @@
-"""Shared fixtures: tiny on-disk datasets and a small CPU thread count for the 2-core CI box."""
+"""Shared fixtures: tiny on-disk datasets, and one torch thread for the whole suite.
 
+The networks in the tests are tiny, so a second thread gains little on the 2-core CI box
+and makes steps many times slower whenever another process competes for the cores; the
+subprocesses that tests start inherit OMP_NUM_THREADS=1 as well, so floats round alike.
+"""
+
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +15,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 
-torch.set_num_threads(2)
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 def write_npz_dataset(path: Path, images: np.ndarray) -> Path:

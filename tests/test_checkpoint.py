@@ -1,6 +1,5 @@
 """Checkpoint loading: native round trip, truncated files, foreign files, other architectures."""
 
-import pickle
 
 import pytest
 import torch

@@ -36,14 +36,6 @@ DELTA = 0.1
 LAST_STEP = 1 + STRIDE * ((T - 2) // STRIDE)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The networks here are tiny; one thread avoids contention on the shared 2-core CI box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def random_images(count: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)

@@ -31,14 +31,6 @@ T = 1000
 SHAPE = (1, 4, 4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The networks here are tiny; one thread avoids contention on the shared 2-core CI box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 class GaussianEpsilon(nn.Module):
     """The exact noise prediction for data N(mu, std^2 I) (prediction_type epsilon)."""

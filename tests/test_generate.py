@@ -1,6 +1,5 @@
 """Generation stage: the <K>.npz file and its metadata, resume, --overwrite and two processes."""
 
-import json
 import os
 import signal
 import subprocess
@@ -32,13 +31,6 @@ TINY_MODEL = ModelOptions(image_size=8, in_channels=1, dim=16, dim_mults=(1, 2),
 # Subprocesses run on one thread each, like this test process, so that every batch rounds alike.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

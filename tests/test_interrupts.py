@@ -58,14 +58,6 @@ TINY_MODEL = ModelOptions(image_size=8, in_channels=1, dim=16, dim_mults=(1, 2),
                           num_res_blocks=1, dropout=0.1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run in-process stages on one thread, as the subprocesses do, so that floats round alike."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture
 def dataset(tmp_path) -> Path:

@@ -29,14 +29,6 @@ FLOAT64_TOLERANCE = 1e-10
 FLOAT32_TOLERANCE = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_unet(dtype: torch.dtype = torch.float32) -> UNet:
     torch.manual_seed(0)
     network = UNet(image_size=8, in_channels=1, dim=16, dim_mults=(1, 2), attn_resolutions=(4,),

@@ -23,8 +23,6 @@ from memgen.toy.model import ScoreNetConfig
 from memgen.toy.sde import VESDE, GaussianPrior, NoisedPointsPrior
 from memgen.toy.train import TrainConfig, load_checkpoint, load_ema_model, train_score_model
 
-torch.set_num_threads(1)
-
 SMALL_NET = ScoreNetConfig(hidden_dim=64, num_layers=3)
 
 
