@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 # being held in memory as one tensor.
 PRELOAD_LIMIT_BYTES = 4 * 1024 ** 3
 
+# Images per network call when the validation loss is computed.
+VALID_BATCH = 256
+
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -321,4 +324,34 @@ def _write_checkpoint(network: nn.Module, ema: nn.Module, optimizer: torch.optim
             _sample_grid(ema, schedule, options["train"], options["model"], distributed.device,
                          results / "samples" / f"{step}.png")
             torch.set_rng_state(rng_state)
+        if options["train"].valid_size > 0:
+            loss = validation_loss(ema, schedule, options, distributed.device)
+            logger.info("step %d validation loss of the EMA model %.5f", step, loss)
+            with open(results / "logs" / "valid.csv", "a") as handle:
+                handle.write(f"{step},{loss:.6f}\n")
     distributed.barrier()
+
+
+@torch.no_grad()
+def validation_loss(ema: nn.Module, schedule, options: dict, device: torch.device) -> float:
+    """Return the EMA model's loss on the first `valid_size` test-split images.
+
+    The diffusion times and noise are drawn from a generator seeded with the run's seed,
+    so every checkpoint of a run is scored on the same (image, t, noise) triples.
+    """
+    from memgen.data import load_dataset, load_images
+
+    data, train, model = options["data"], options["train"], options["model"]
+    test_set = load_dataset(data.data_name, data.data_path, image_size=model.image_size,
+                            centercrop=train.centercrop, train=False)
+    x0 = load_images(test_set, torch.arange(min(train.valid_size, len(test_set))))
+    generator = torch.Generator().manual_seed(train.global_seed)
+    t = torch.randint(0, schedule.timesteps, (len(x0),), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    ema.eval()
+    total = 0.0
+    for start in range(0, len(x0), VALID_BATCH):
+        batch = slice(start, start + VALID_BATCH)
+        loss = schedule.training_loss(ema, x0[batch].to(device), t[batch].to(device), noise[batch].to(device))
+        total += float(loss) * len(x0[batch])
+    return total / len(x0)

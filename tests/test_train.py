@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,24 @@ def test_real_fashion_mnist_cpu_config(tmp_path):
     assert (tmp_path / "checkpoints" / "4.pt").is_file()
     assert (tmp_path / "samples" / "4.png").is_file()
     assert "using device cpu" in completed.stderr
+
+
+def test_validation_loss_logged(tmp_path):
+    rng = np.random.default_rng(1)
+    dataset = tmp_path / "split.npz"
+    np.savez(dataset, images=rng.uniform(-1, 1, (10, 1, 8, 8)).astype(np.float32),
+             test_images=rng.uniform(-1, 1, (5, 1, 8, 8)).astype(np.float32))
+    data, training, model = tiny_options(dataset, tmp_path / "run", iterations=2, ckpt_every=1)
+    training.valid_size = 3
+    train(data, training, model)
+    rows = (tmp_path / "run" / "logs" / "valid.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["1", "2"]
+
+    loaded = load_model(tmp_path / "run" / "checkpoints" / "2.pt")
+    images = torch.from_numpy(np.load(dataset)["test_images"][:3])
+    generator = torch.Generator().manual_seed(training.global_seed)
+    t = torch.randint(0, 50, (3,), generator=generator)
+    noise = torch.randn(images.shape, generator=generator)
+    with torch.no_grad():
+        expected = loaded.schedule.training_loss(loaded.network, images, t, noise).item()
+    assert float(rows[1].split(",")[1]) == pytest.approx(expected, abs=1e-6)
