@@ -4,7 +4,7 @@ Stages: train (bench_train.py), sample (bench_sampling.py), basins (bench_basins
 distances (bench_distances.py, run as its own process) and memory (bench_memory.py).
 A stage that fails gets a row saying so, the others still run, and the exit status is 1.
 
-    python benchmarks/run_all.py                  # full sizes; about an hour on a 2-core CPU
+    python benchmarks/run_all.py                  # full sizes; 20 minutes with --threads 1 on 2 cores
     python benchmarks/run_all.py --quick          # small sizes
     python benchmarks/run_all.py --stages train basins --output bench.md
     python benchmarks/run_all.py --ckpt-path results/quickstart/checkpoints
