@@ -51,6 +51,12 @@ class PipelineOptions:
     """Memorization threshold on the distance to the nearest training image."""
     delta_s: float = 0.02
     """Spurious threshold on the distance to the nearest other sample."""
+    calibrate: bool = False
+    """Derive delta_m and delta_s from the training set's nearest-neighbour distances instead (see run_classify.py)."""
+    calibrate_quantile: float = 0.05
+    """With calibrate: delta_m = calibrate_scale x this quantile of those distances."""
+    calibrate_scale: float = 0.5
+    """With calibrate: the factor on the quantile; delta_s = delta_m x 2/3."""
     critical_sample_size: int = 8
     """Images of each class probed per K in the critical-time stage."""
     critical_p_trials: int = 4
@@ -126,6 +132,9 @@ def _check_options(options: PipelineOptions, train: TrainOptions) -> None:
             raise MemgenError(f"{flag} {value} is invalid; use 1 or more")
     if options.energy_num_points < 2:
         raise MemgenError(f"--energy-num-points {options.energy_num_points} is invalid; use 2 or more")
+    if options.calibrate and not (0 <= options.calibrate_quantile <= 1 and options.calibrate_scale > 0):
+        raise MemgenError(f"--calibrate-quantile {options.calibrate_quantile} and --calibrate-scale "
+                          f"{options.calibrate_scale} are invalid; use a quantile in [0, 1] and a positive scale")
     distances = {"--delta-m": options.delta_m, "--delta-s": options.delta_s,
                  "--critical-delta": options.critical_delta}
     for flag, value in distances.items():
@@ -218,7 +227,11 @@ def run(data: DataOptions, train: TrainOptions, model: ModelOptions, options: Pi
     classify_dir = result / "classify"
     timer.run("classify", classify, ClassifyOptions(
         dist_path=str(dist_dir), eval_path=str(sample_dir), data_path=data.data_path,
-        result_path=str(classify_dir), delta_m=options.delta_m, delta_s=options.delta_s, k=options.k,
+        result_path=str(classify_dir), k=options.k,
+        delta_m=None if options.calibrate else options.delta_m,
+        delta_s=None if options.calibrate else options.delta_s,
+        calibrate=options.calibrate, calibrate_quantile=options.calibrate_quantile,
+        calibrate_scale=options.calibrate_scale,
         device=device_name))
 
     references = write_references(data, model, train, options)

@@ -108,7 +108,18 @@ def energy_table(result: Path) -> list[str]:
     return lines
 
 
-def _settings_rows(train, model, options) -> list[str]:
+def thresholds_text(rows: list[dict], options) -> str:
+    """Describe the thresholds the classification used, with the calibration rule when there was one."""
+    if not rows:
+        return f"delta_m {options.delta_m}, delta_s {options.delta_s}"
+    first = rows[0]
+    text = f"delta_m {float(first['delta_m']):.4g}, delta_s {float(first['delta_s']):.4g}"
+    if first.get("calibration"):
+        text += f" (calibrated: {first['calibration']})"
+    return text
+
+
+def _settings_rows(train, model, options, rows: list[dict]) -> list[str]:
     ours = {
         "image size": f"{model.image_size} x {model.image_size}",
         "UNet": (f"dim {model.dim}, mults {','.join(map(str, model.dim_mults))}, {model.num_res_blocks} res "
@@ -119,7 +130,7 @@ def _settings_rows(train, model, options) -> list[str]:
                           + (f"DDIM {options.sampler_steps} steps" if options.sampler == "ddim"
                              else "DDPM 1000 steps")),
         "distance": f"{'LPIPS ' + options.network if options.metric == 'lpips' else 'L2'}, k = {options.k}",
-        "thresholds": f"delta_m {options.delta_m}, delta_s {options.delta_s}",
+        "thresholds": thresholds_text(rows, options),
     }
     return [f"| {key} | {ours[key]} | {PAPER_SETTINGS[key]} |" for key in PAPER_SETTINGS]
 
@@ -143,7 +154,9 @@ def write_report(result: Path, data, train, model, options, timings: dict, devic
         "## Phase table",
         "",
         "A sample is memorized when its nearest training image is within delta_m, spurious when it is not "
-        "memorized but another sample is within delta_s, and generalized otherwise.",
+        "memorized but another sample is within delta_s, and generalized otherwise "
+        f"({options.metric.upper() if options.metric == 'l2' else 'LPIPS ' + options.network}; "
+        f"{thresholds_text(rows, options)}).",
         "",
         "| K | samples | memorized | spurious | generalized |",
         "| ---: | ---: | ---: | ---: | ---: |",
@@ -191,7 +204,7 @@ def write_report(result: Path, data, train, model, options, timings: dict, devic
 
     lines += ["## Settings against the paper's", "", "| setting | this run | paper (Fashion-MNIST) |",
               "| --- | --- | --- |"]
-    lines += _settings_rows(train, model, options)
+    lines += _settings_rows(train, model, options, rows)
     lines += ["", "The quick start is a small-scale rerun sized for a CPU in minutes: smaller images, a smaller "
               "UNet trained for far fewer steps, few K, few samples and DDIM sampling. The fractions show the "
               "same transition, not the paper's numbers.", ""]
