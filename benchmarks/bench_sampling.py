@@ -147,8 +147,11 @@ def classify_with_sampler(ckpt_path: Path, data_path: str, work: Path, sampler: 
                                  data_path=data_path, device=device))
     compute_distances(DistanceOptions(synth_path=str(sample_dir), data_path=data_path, result_path=str(dist_dir),
                                       metric="lpips", network="alex", k=5, device=device))
+    # The thresholds of configs/quickstart.yaml: calibrated on the training set's own
+    # nearest-neighbour distances, the same for both samplers.
     rows = classify(ClassifyOptions(dist_path=str(dist_dir), eval_path=str(sample_dir), data_path=data_path,
-                                    result_path=str(classify_dir), k=5, grid_rows=0, device=device))
+                                    result_path=str(classify_dir), k=5, grid_rows=0, device=device,
+                                    calibrate=True, calibrate_quantile=0.05, calibrate_scale=1.0))
     return {int(row["K"]): row for row in rows}
 
 

@@ -31,3 +31,18 @@ def tiny_npz_dataset(tmp_path) -> Path:
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, size=(12, 1, 8, 8)).astype(np.float32)
     return write_npz_dataset(tmp_path / "tiny.npz", images)
+
+
+@pytest.fixture
+def random_lpips(monkeypatch):
+    """Make LPIPSEmbedding.from_pretrained build a seeded random AlexNet instead of ImageNet weights."""
+    from memgen.lpips import LPIPSEmbedding, build_features
+
+    torch.manual_seed(0)
+    state = build_features("alex").state_dict()
+
+    def from_random(network="alex", weights_path=None, allow_download=True):
+        return LPIPSEmbedding.from_state_dict(network, state, source="random test weights")
+
+    monkeypatch.setattr(LPIPSEmbedding, "from_pretrained", staticmethod(from_random))
+    return from_random()

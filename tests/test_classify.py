@@ -8,7 +8,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from memgen.classify import (CLASSES, ClassifyOptions, PAPER_DELTA_M, PAPER_DELTA_S, class_order, classify,
@@ -16,7 +15,6 @@ from memgen.classify import (CLASSES, ClassifyOptions, PAPER_DELTA_M, PAPER_DELT
 from memgen.data import load_training_images
 from memgen.errors import MemgenError
 from memgen.files import load_npz, read_meta, save_npz
-from memgen.lpips import LPIPSEmbedding, build_features
 
 from conftest import REPO, write_npz_dataset
 
@@ -371,19 +369,6 @@ def test_calibration_planted_training_set(folders, planted_dataset, quantile, sc
     summary = json.loads((folders["classify"] / "summary.json").read_text())
     assert summary["rows"][0]["calibration"] == row["calibration"]
     assert read_class(folders, "memorized", 6)[1]["calibration"] == row["calibration"]
-
-
-@pytest.fixture
-def random_lpips(monkeypatch):
-    """Make LPIPSEmbedding.from_pretrained build a seeded random AlexNet instead of ImageNet weights."""
-    torch.manual_seed(0)
-    state = build_features("alex").state_dict()
-
-    def from_random(network="alex", weights_path=None, allow_download=True):
-        return LPIPSEmbedding.from_state_dict(network, state, source="random test weights")
-
-    monkeypatch.setattr(LPIPSEmbedding, "from_pretrained", staticmethod(from_random))
-    return from_random()
 
 
 def test_calibration_lpips_matches_brute_force(folders, dataset, random_lpips):

@@ -14,7 +14,6 @@ from memgen.data import load_training_images
 from memgen.distances import DistanceOptions, compute_distances, shard_path
 from memgen.errors import MemgenError
 from memgen.files import load_npz, read_meta, save_npz
-from memgen.lpips import LPIPSEmbedding, build_features
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SIZE, SUBSET_SEED, NUM_SAMPLES = 9, 3, 10
@@ -43,19 +42,6 @@ def tiny_run(tmp_path, monkeypatch):
     synth = tmp_path / "samples"
     save_npz(synth / "9.npz", meta=meta, samples=samples)
     return {"root": tmp_path, "dataset": dataset, "synth": synth, "samples": samples, "train": train, "meta": meta}
-
-
-@pytest.fixture
-def random_lpips(monkeypatch):
-    """Make LPIPSEmbedding.from_pretrained build a seeded random AlexNet instead of ImageNet weights."""
-    torch.manual_seed(0)
-    state = build_features("alex").state_dict()
-
-    def from_random(network="alex", weights_path=None, allow_download=True):
-        return LPIPSEmbedding.from_state_dict(network, state, source="random test weights")
-
-    monkeypatch.setattr(LPIPSEmbedding, "from_pretrained", staticmethod(from_random))
-    return from_random()
 
 
 def options_for(run, result: str, **changes) -> DistanceOptions:
