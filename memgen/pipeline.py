@@ -38,7 +38,7 @@ class PipelineOptions:
     sample_batch_size: int = 128
     """Samples per network call during generation."""
     sampler: str = "ddim"
-    """Sampler of the generation stage: ddpm (all T steps, the paper's protocol) or ddim."""
+    """Sampler of the generation stage: ddpm (all T steps, the protocol of Pham et al. 2025) or ddim."""
     sampler_steps: int = 50
     """DDIM steps of the generation stage (ignored by DDPM)."""
     metric: str = "lpips"

@@ -1,4 +1,4 @@
-"""Optional helper that lists and fetches the paper's released checkpoints from a model hub.
+"""Optional helper that lists and fetches the released checkpoints of Pham et al. 2025 from a model hub.
 
 memgen itself never needs the network: every stage reads local files. This helper only
 saves typing when the machine is online and `huggingface_hub` is installed

@@ -16,7 +16,7 @@ from memgen.files import atomic_path, load_npz
 
 CLASSES = ("memorized", "spurious", "generalized")
 
-# The paper's settings for Fashion-MNIST, for the comparison table of the report.
+# Fashion-MNIST settings of Pham et al. 2025 (arXiv:2505.21777), for the report's comparison table.
 PAPER_SETTINGS = {
     "image size": "28 x 28",
     "UNet": "dim 128, mults 1,2,2, 2 res blocks, dropout 0.1 (24.5M parameters)",
