@@ -28,6 +28,7 @@ synthetic distances were taken against another sample set. Outputs under `--resu
 import contextlib
 import csv
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -515,6 +516,14 @@ def class_arrays(data: PairData, train_images: np.ndarray, top: np.ndarray, leas
     return arrays
 
 
+def inputs_digest(data: PairData) -> str:
+    """Return a SHA-256 digest of the samples and top-k distances, so a kept file from other inputs is caught."""
+    digest = hashlib.sha256()
+    for array in (data.samples, data.data_dists, data.data_indices, data.synth_dists, data.synth_indices):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def class_meta(name: str, data: PairData, thresholds: Thresholds, options: ClassifyOptions) -> dict:
     """Return the metadata of one class file: the class, the rule, the inputs and the data keys."""
     orders = {MEMORIZED: "ascending d_data", SPURIOUS: "ascending d_synth", GENERALIZED: "descending d_synth"}
@@ -533,6 +542,7 @@ def class_meta(name: str, data: PairData, thresholds: Thresholds, options: Class
         "sample_file": str(data.pair.samples.resolve()),
         "synth_file": str(data.pair.synth.resolve()),
         "distance_file": str(data.pair.distances.resolve()),
+        "inputs_digest": inputs_digest(data),
         **data.data_meta(),
         "data_path": _data_path(data, options),
     }
@@ -548,7 +558,7 @@ def _data_path(data: PairData, options: ClassifyOptions) -> str | None:
 def _check_kept_file(path: Path, meta: dict) -> None:
     """Raise MemgenError when a class file kept without --overwrite used other thresholds or inputs."""
     kept = _read_meta_only(path)
-    for key in ("metric", "delta_m", "delta_s", "k", "sample_file", "distance_file"):
+    for key in ("metric", "delta_m", "delta_s", "k", "num_samples", "sample_file", "distance_file", "inputs_digest"):
         if kept.get(key) != meta[key]:
             raise MemgenError(f"the existing '{path}' was made with {key} = {kept.get(key)!r}, but this run uses "
                               f"{meta[key]!r}; pass --overwrite to replace it, or another --result-path")

@@ -257,6 +257,9 @@ class DistanceStage:
         started = time.perf_counter()
         arrays = load_npz(path, required=["samples"])
         sample_meta = read_meta(arrays, path)
+        if "train_size" in sample_meta and int(sample_meta["train_size"]) != k_value:
+            raise MemgenError(f"sample file '{path}' records K = {sample_meta['train_size']} but is named "
+                              f"{k_value}.npz; rename it to {sample_meta['train_size']}.npz or pass the right file")
         samples = validate_samples(arrays["samples"], path)
         train = load_training_subset(sample_meta, options.data_path or None, path)
         _check_matching_shapes(samples, train, path, sample_meta)

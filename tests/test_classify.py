@@ -496,6 +496,17 @@ def test_existing_class_file_kept(folders, dataset):
     assert path.stat().st_mtime_ns != written
 
 
+def test_kept_class_file_from_other_samples(folders, dataset):
+    write_sweep(folders, dataset, sizes=(2,))
+    options = options_for(folders, dataset, k=2)
+    classify(options)
+    samples_path = folders["samples"] / "2.npz"
+    arrays = load_npz(samples_path)
+    save_npz(samples_path, meta=read_meta(arrays), samples=-arrays["samples"])
+    with pytest.raises(MemgenError, match="made with inputs_digest = .*pass --overwrite"):
+        classify(options)
+
+
 def test_command_line_rejection_exits_2(folders, dataset, monkeypatch, capsys):
     write_sweep(folders, dataset, sizes=(2,))
     monkeypatch.setattr(sys, "argv", ["run_classify.py", "--dist-path", str(folders["dists"]), "--eval-path",

@@ -293,3 +293,10 @@ def test_command_line_runs_and_rejects(tiny_run, monkeypatch, capsys):
         runpy.run_path(str(REPO / "run_distances.py"), run_name="__main__")
     assert exited.value.code == 2
     assert "--k 0" in capsys.readouterr().err
+
+
+def test_sample_file_named_for_other_k(tiny_run):
+    (tiny_run["synth"] / "9.npz").rename(tiny_run["synth"] / "12.npz")
+    with pytest.raises(MemgenError, match=r"records K = 9 but is named 12.npz"):
+        compute_distances(options_for(tiny_run, "renamed"))
+    assert not (tiny_run["root"] / "renamed" / "12.npz").exists()
