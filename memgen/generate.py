@@ -23,7 +23,7 @@ import numpy as np
 from memgen import __version__
 from memgen.config import PAPER_SEED
 from memgen.errors import MemgenError
-from memgen.files import ensure_writable_dir, load_npz, save_npz
+from memgen.files import ensure_writable_dir, load_npz, read_meta, save_npz
 from memgen.runtime import Distributed, init_distributed, setup_logging, shutdown_distributed
 
 logger = logging.getLogger(__name__)
@@ -205,6 +205,15 @@ def assemble(parts_dir: Path, final_path: Path, settings: dict, num_samples: int
     return samples
 
 
+def _check_kept_samples(path: Path, settings: dict) -> None:
+    """Raise MemgenError when an existing sample file was drawn with other settings than requested."""
+    kept = read_meta(load_npz(path, required=["samples"]), path)
+    for key in (*PART_KEYS, "num_samples"):
+        if key != "memgen_version" and kept.get(key) != settings.get(key):
+            raise MemgenError(f"the existing '{path}' was drawn with {key} = {kept.get(key)!r}, but this run asks "
+                              f"for {settings.get(key)!r}; pass --overwrite to replace it, or another --result-path")
+
+
 def generate_samples(options: GenerateOptions, distributed: Distributed) -> Path:
     """Draw the samples of one checkpoint into `<result_path>/<K>.npz`; return its path.
 
@@ -228,6 +237,7 @@ def generate_samples(options: GenerateOptions, distributed: Distributed) -> Path
     exists = final_path.exists()
     distributed.barrier()
     if exists and not options.overwrite:
+        _check_kept_samples(final_path, {**settings, "num_samples": options.num_samples})
         logger.info("keeping existing '%s'; pass --overwrite to draw it again", final_path)
         grid_path = result_dir / f"{k}.png"
         if distributed.is_main and not grid_path.exists():

@@ -135,14 +135,23 @@ def test_batch_size_does_not_change_samples(checkpoint, tmp_path):
 
 
 def test_existing_file_kept_without_overwrite(checkpoint, tmp_path):
-    path = tmp_path / f"{K}.npz"
-    save_npz(path, meta={"note": "old"}, samples=np.zeros((1, 1, 8, 8), np.float32))
+    path = generate(make_options(checkpoint, tmp_path))
+    written = path.stat().st_mtime_ns
 
     generate(make_options(checkpoint, tmp_path))
-    assert read_meta(load_npz(path)) == {"note": "old"}
+    assert path.stat().st_mtime_ns == written
 
     generate(make_options(checkpoint, tmp_path, overwrite=True))
     assert read_meta(load_npz(path))["num_samples"] == 6
+    assert path.stat().st_mtime_ns != written
+
+
+def test_existing_file_with_other_settings_rejected(checkpoint, tmp_path):
+    path = generate(make_options(checkpoint, tmp_path))
+    written = path.stat().st_mtime_ns
+    with pytest.raises(MemgenError, match="drawn with num_samples = 6, but this run asks for 9; pass --overwrite"):
+        generate(make_options(checkpoint, tmp_path, num_samples=9))
+    assert path.stat().st_mtime_ns == written
 
 
 def test_resume_from_parts(checkpoint, tmp_path):
