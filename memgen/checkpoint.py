@@ -163,8 +163,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bo
                data_path: str | Path | None = None) -> LoadedModel:
     """Load any supported checkpoint as a network in eval mode on `device`.
 
-    `data_path` is needed for the ideal memorizer only, which rebuilds its K training
-    images from the dataset; it defaults to the data path in the checkpoint's configuration.
+    `data_path` is needed for the ideal memorizer only, because it rebuilds its K training
+    images from the dataset. It defaults to the data path in the checkpoint's configuration.
     """
     from memgen.diffusion import NoiseSchedule
 

@@ -271,7 +271,7 @@ def _read_meta_only(path: Path) -> dict:
             meta = {"meta": archive["meta"]} if "meta" in archive.files else {}
     except ValueError as error:
         if "allow_pickle" in str(error):
-            raise MemgenError(f"'{path}' holds a pickled object array, which memgen never loads; rewrite it "
+            raise MemgenError(f"'{path}' contains a pickled object array, which memgen never loads; rewrite it "
                               "with plain numeric arrays and a JSON 'meta' string") from error
         raise MemgenError(f"'{path}' is not a readable .npz file ({error}); regenerate it") from error
     except (OSError, EOFError, zipfile.BadZipFile) as error:

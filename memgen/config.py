@@ -19,13 +19,13 @@ import yaml
 
 from memgen.errors import MemgenError
 
-# Seed of the paper's runs, used for the training subset and for initialisation.
+# Seed of the runs of Pham et al. 2025, used for the training subset and for initialisation.
 PAPER_SEED = 3407
 
 
 @dataclass
 class DataOptions:
-    """Where the data and the results live."""
+    """Locations of the dataset and of the results."""
 
     data_path: str = "data"
     """Dataset root: the folder holding FashionMNIST/raw, cifar-10-batches-py, an image folder or an .npz file."""
@@ -62,13 +62,13 @@ class TrainOptions:
     clip_grad: float = 1.0
     """Maximum global gradient norm; 0 turns clipping off."""
     prediction_type: str = "epsilon"
-    """What the network predicts: epsilon (noise) or sample (x0)."""
+    """Network output: epsilon (the noise) or sample (x0, the image)."""
     beta_schedule: str = "linear"
     """Noise schedule: linear betas from 1e-4 to 0.02."""
     timesteps: int = 1000
     """Number of diffusion steps T."""
     centercrop: bool = False
-    """Centre-crop images to a square before resizing (the paper does this for LSUN-Church)."""
+    """Centre-crop images to a square before resizing (Pham et al. 2025 do this for LSUN-Church)."""
     grid_samples: int = 64
     """Images in the sample grid written from the EMA model at each checkpoint; 0 turns it off."""
     grid_ddim_steps: int = 50

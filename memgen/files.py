@@ -91,7 +91,7 @@ def save_npz(path: str | os.PathLike, meta: Mapping | None = None, **arrays: np.
 def load_npz(path: str | os.PathLike, required: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Read every array of an `.npz` file without ever unpickling.
 
-    Raises MemgenError when the file is missing, not an `.npz` archive, holds a pickled
+    Raises MemgenError when the file is missing, not an `.npz` archive, contains a pickled
     object array, or lacks one of `required`.
     """
     path = Path(path)
@@ -102,7 +102,7 @@ def load_npz(path: str | os.PathLike, required: Sequence[str] = ()) -> dict[str,
             arrays = {name: archive[name] for name in archive.files}
     except ValueError as error:
         if "allow_pickle" in str(error):
-            raise MemgenError(f"'{path}' holds a pickled object array, which memgen never loads; "
+            raise MemgenError(f"'{path}' contains a pickled object array, which memgen never loads; "
                               "rewrite it with plain numeric arrays and a JSON 'meta' string") from error
         raise MemgenError(f"'{path}' is not a readable .npz file: {error}") from error
     except (OSError, zipfile.BadZipFile, EOFError) as error:

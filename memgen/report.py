@@ -76,36 +76,32 @@ def check_targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
     ]
 
 
+def _class_results(result: Path, stage: str, key: str):
+    """Yield (class, K, arrays) for every non-empty `<result>/<stage>/<class>/<K>.npz`, sorted by class and K."""
+    for name in CLASSES:
+        paths = [path for path in (result / stage / name).glob("*.npz") if path.stem.isdigit()]
+        for path in sorted(paths, key=lambda p: int(p.stem)):
+            arrays = load_npz(path, required=[key])
+            if arrays[key].size:
+                yield name, int(path.stem), arrays
+
+
 def critical_time_table(result: Path) -> list[str]:
     """Return markdown rows: mean critical time (and radius) per class and K."""
     lines = []
-    for name in CLASSES:
-        folder = result / "critical_times" / name
-        for path in sorted(folder.glob("*.npz"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1):
-            if not path.stem.isdigit():
-                continue
-            arrays = load_npz(path, required=["time", "radius"])
-            times = arrays["time"].astype(np.float64)
-            if times.size == 0:
-                continue
-            lines.append(f"| {name} | {path.stem} | {times.shape[0]} | {times.mean():.1f} | "
-                         f"{np.median(times):.0f} | {arrays['radius'].astype(np.float64).mean():.2f} |")
+    for name, k, arrays in _class_results(result, "critical_times", "time"):
+        times = arrays["time"].astype(np.float64)
+        lines.append(f"| {name} | {k} | {times.shape[0]} | {times.mean():.1f} | "
+                     f"{np.median(times):.0f} | {arrays['radius'].astype(np.float64).mean():.2f} |")
     return lines
 
 
 def energy_table(result: Path) -> list[str]:
     """Return markdown rows: mean and spread of the relative energy per class and K."""
     lines = []
-    for name in CLASSES:
-        folder = result / "energy" / name
-        for path in sorted(folder.glob("*.npz"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1):
-            if not path.stem.isdigit():
-                continue
-            potential = load_npz(path, required=["potential"])["potential"].astype(np.float64)
-            if potential.size == 0:
-                continue
-            lines.append(f"| {name} | {path.stem} | {potential.shape[1]} | {potential.mean():.4g} | "
-                         f"{potential.std():.3g} |")
+    for name, k, arrays in _class_results(result, "energy", "potential"):
+        potential = arrays["potential"].astype(np.float64)
+        lines.append(f"| {name} | {k} | {potential.shape[1]} | {potential.mean():.4g} | {potential.std():.3g} |")
     return lines
 
 

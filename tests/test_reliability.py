@@ -766,7 +766,7 @@ def plant_checkpoint(target: str) -> Callable[[Path], None]:
     return lambda ws: write_planted_checkpoint(ws / target, marker_path(ws))
 
 
-PICKLED = ("holds a pickled object array, which memgen never loads",)
+PICKLED = ("contains a pickled object array, which memgen never loads",)
 PICKLED_NPZ = {
     "dataset": Case("train_unet.py", (*TRAIN, "--data-path", "{ws}/evil/data.npz"), PICKLED, plant_pickled_dataset),
     "samples": Case("run_distances.py", ("--synth-path", "{ws}/evil", *DISTANCES), PICKLED, plant_pickled_samples),
